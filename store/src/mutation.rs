@@ -1,0 +1,225 @@
+//! [`Mutation`]: every change the system of record accepts, as plain data.
+//!
+//! This is the write vocabulary the Raft layer replicates: a committed log entry
+//! carries mutations, and each replica applies them with
+//! [`Store::apply_batch`](crate::Store::apply_batch). Every input that could
+//! differ between replicas (IDs, timestamps, "now" for leases) is a field chosen
+//! by the proposer, so applying a mutation is deterministic.
+//!
+//! Durable encodings: the raft crate serialises these with a version tag. Add
+//! new variants at the end and never change the meaning of an existing one.
+
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+use crate::lease::{AcquireLease, RenewLease};
+use crate::model::*;
+
+/// One change to the system of record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mutation {
+    /// Insert a sandbox; `Conflict` if the ID exists (destroyed ones included).
+    CreateSandbox(Sandbox),
+    /// Set a sandbox's state. `Conflict` if it is already destroyed.
+    SetSandboxState {
+        id: String,
+        state: SandboxState,
+        at: Ts,
+    },
+    /// Set where a sandbox runs. `Conflict` if it is destroyed.
+    SetSandboxPlacement {
+        id: String,
+        worker_id: String,
+        runtime_id: String,
+        at: Ts,
+    },
+    /// Move a sandbox's expiry. `Conflict` if it is destroyed.
+    SetSandboxExpiry {
+        id: String,
+        expires_at: Ts,
+        at: Ts,
+    },
+    /// Soft delete: the row stays with state `destroyed`. Idempotent.
+    DestroySandbox {
+        id: String,
+        at: Ts,
+    },
+    /// Record a finished exec; outputs [`MutationOutput::Id`].
+    AppendExecLog(ExecLog),
+    /// Delete exec logs created before `before`; outputs [`MutationOutput::Count`].
+    DeleteExecLogsBefore {
+        before: Ts,
+    },
+
+    /// Insert or update a worker; `created_at` is kept from the first save.
+    PutWorker(Worker),
+    /// Change a worker's status.
+    SetWorkerStatus {
+        id: String,
+        status: WorkerStatus,
+        at: Ts,
+    },
+    /// Remove a worker record.
+    DeleteWorker {
+        id: String,
+    },
+
+    /// Take a lease; outputs [`MutationOutput::Lease`].
+    AcquireLease(AcquireLease),
+    /// Extend a held lease; outputs [`MutationOutput::Lease`].
+    RenewLease(RenewLease),
+    /// Give up a lease; only its holder may.
+    ReleaseLease {
+        resource_id: String,
+        holder_id: String,
+    },
+    /// Remove a lease whoever holds it (operator or leader decision, e.g. the
+    /// holder went offline). The generation counter is kept.
+    RevokeLease {
+        resource_id: String,
+    },
+
+    CreateTenant(Tenant),
+    /// Update name, owner and settings of an existing tenant.
+    UpdateTenant(Tenant),
+    /// Delete a tenant, its members and its policies.
+    DeleteTenant {
+        id: String,
+    },
+    /// Insert or update a member's role (`created_at` kept).
+    PutMember(TenantMember),
+    DeleteMember {
+        tenant_id: String,
+        user_id: String,
+    },
+    CreatePolicy(Policy),
+    DeletePolicy {
+        id: String,
+    },
+
+    /// Insert or update an owner quota (`created_at` kept).
+    PutQuota(OwnerQuota),
+    DeleteQuota {
+        owner_id: String,
+    },
+
+    /// Insert a template; `Conflict` if the name exists.
+    CreateTemplate(Template),
+    /// Replace an existing template (`created_at` kept).
+    UpdateTemplate(Template),
+    DeleteTemplate {
+        name: String,
+    },
+
+    /// Outputs [`MutationOutput::Id`].
+    AppendAdminAudit(AdminAudit),
+    /// Outputs [`MutationOutput::Count`].
+    DeleteAdminAuditBefore {
+        before: Ts,
+    },
+    /// Outputs [`MutationOutput::Id`].
+    AppendOperationAudit(OperationAudit),
+    /// Outputs [`MutationOutput::Count`].
+    DeleteOperationAuditBefore {
+        before: Ts,
+    },
+
+    /// Revoke a signed worker token by `jti` (idempotent).
+    RevokeToken(RevokedToken),
+    /// Forget revocations whose token has expired by `now`; outputs a count.
+    PruneRevokedTokens {
+        now: Ts,
+    },
+
+    /// Record the Raft membership (opaque text owned by the raft crate).
+    SetMembership {
+        membership: String,
+    },
+
+    /// Apply all of these or none: the first failure undoes the ones before it.
+    Atomic(Vec<Mutation>),
+}
+
+/// What a successful mutation produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MutationOutput {
+    Done,
+    /// Row ID assigned by the store.
+    Id(i64),
+    /// Rows affected.
+    Count(u64),
+    Lease(Lease),
+    /// Outputs of an [`Mutation::Atomic`] group, in order.
+    Many(Vec<MutationOutput>),
+}
+
+impl Mutation {
+    /// Structural validation, before any I/O.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        match self {
+            Mutation::CreateSandbox(s) => s.validate(),
+            Mutation::SetSandboxState { id, .. }
+            | Mutation::SetSandboxExpiry { id, .. }
+            | Mutation::DestroySandbox { id, .. } => check_id("sandbox id", id),
+            Mutation::SetSandboxPlacement {
+                id,
+                worker_id,
+                runtime_id,
+                ..
+            } => {
+                check_id("sandbox id", id)?;
+                check_len("worker id", worker_id, MAX_ID_LEN)?;
+                check_len("runtime id", runtime_id, MAX_ID_LEN)
+            }
+            Mutation::AppendExecLog(l) => l.validate(),
+            Mutation::PutWorker(w) => w.validate(),
+            Mutation::SetWorkerStatus { id, .. } | Mutation::DeleteWorker { id } => {
+                check_id("worker id", id)
+            }
+            // Lease requests are validated by the pure decision functions.
+            Mutation::AcquireLease(_) | Mutation::RenewLease(_) => Ok(()),
+            Mutation::ReleaseLease {
+                resource_id,
+                holder_id,
+            } => {
+                check_id("lease resource id", resource_id)?;
+                check_id("lease holder id", holder_id)
+            }
+            Mutation::RevokeLease { resource_id } => check_id("lease resource id", resource_id),
+            Mutation::CreateTenant(t) | Mutation::UpdateTenant(t) => t.validate(),
+            Mutation::DeleteTenant { id } => check_id("tenant id", id),
+            Mutation::PutMember(m) => m.validate(),
+            Mutation::DeleteMember { tenant_id, user_id } => {
+                check_id("tenant id", tenant_id)?;
+                check_id("user id", user_id)
+            }
+            Mutation::CreatePolicy(p) => p.validate(),
+            Mutation::DeletePolicy { id } => check_id("policy id", id),
+            Mutation::PutQuota(q) => q.validate(),
+            Mutation::DeleteQuota { owner_id } => check_id("owner id", owner_id),
+            Mutation::CreateTemplate(t) | Mutation::UpdateTemplate(t) => t.validate(),
+            Mutation::DeleteTemplate { name } => check_id("template name", name),
+            Mutation::AppendAdminAudit(a) => a.validate(),
+            Mutation::AppendOperationAudit(a) => a.validate(),
+            Mutation::RevokeToken(r) => r.validate(),
+            Mutation::SetMembership { membership } => {
+                check_len("membership", membership, MAX_TEXT_LEN)
+            }
+            Mutation::Atomic(all) => all.iter().try_for_each(Mutation::validate),
+            Mutation::DeleteExecLogsBefore { .. }
+            | Mutation::DeleteAdminAuditBefore { .. }
+            | Mutation::DeleteOperationAuditBefore { .. }
+            | Mutation::PruneRevokedTokens { .. } => Ok(()),
+        }
+    }
+}
+
+/// The result of [`Store::apply_batch`](crate::Store::apply_batch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchOutcome {
+    /// The store had already applied this index (or a later one); nothing ran.
+    Skipped { applied_index: u64 },
+    /// Every mutation ran; each has its own deterministic outcome, and the
+    /// applied index advanced in the same transaction.
+    Applied(Vec<Result<MutationOutput, StoreError>>),
+}

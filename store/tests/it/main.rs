@@ -1,0 +1,3 @@
+//! Integration tests for `stacyvm-store` (one binary; see the modules).
+
+mod contract;
