@@ -1,1 +1,29 @@
-fn main() {}
+//! The `stacyvm` binary: parse the command line, run it, map the outcome to a
+//! documented exit code (see `stacyvm_node::cli::ExitCode`).
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STACYVM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = stacyvm_node::cli::Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(stacyvm_node::cli::ExitCode::Failed as u8);
+        }
+    };
+    match runtime.block_on(stacyvm_node::cli::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::ExitCode::from(err.exit_code() as u8)
+        }
+    }
+}

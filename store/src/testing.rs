@@ -134,6 +134,14 @@ impl TestDb {
         }
     }
 
+    /// Connection options for this database when it is on Postgres.
+    pub fn pg_options(&self) -> Option<PgConnectOptions> {
+        match &*self.source {
+            Source::Postgres { admin, name } => Some(admin.clone().database(name)),
+            Source::Sqlite { .. } => None,
+        }
+    }
+
     /// Closes the store and drops a Postgres test database.
     pub async fn cleanup(self) {
         self.store.close().await;

@@ -1,3 +1,5 @@
 //! Integration tests for `stacyvm-store` (one binary; see the modules).
 
 mod contract;
+mod lease_race;
+mod migrations;
