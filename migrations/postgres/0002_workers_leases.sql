@@ -1,6 +1,6 @@
 -- Worker registry and sandbox leases (Postgres dialect of migrations/sqlite/0002).
-CREATE TABLE IF NOT EXISTS workers (
-    id             TEXT        PRIMARY KEY,
+CREATE TABLE workers (
+    id             TEXT COLLATE "C" PRIMARY KEY,
     hostname       TEXT        NOT NULL DEFAULT '',
     status         TEXT        NOT NULL DEFAULT 'online'
                    CHECK (status IN ('online','stale','offline','draining')),
@@ -12,10 +12,10 @@ CREATE TABLE IF NOT EXISTS workers (
     created_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS workers_status ON workers (status);
+CREATE INDEX workers_status ON workers (status);
 
-CREATE TABLE IF NOT EXISTS leases (
-    resource_id   TEXT        PRIMARY KEY,
+CREATE TABLE leases (
+    resource_id   TEXT COLLATE "C" PRIMARY KEY,
     resource_type TEXT        NOT NULL DEFAULT '',
     holder_id     TEXT        NOT NULL,
     generation    BIGINT      NOT NULL CHECK (generation >= 1),
@@ -23,10 +23,10 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at    TIMESTAMPTZ NOT NULL,
     updated_at    TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS leases_holder  ON leases (holder_id);
-CREATE INDEX IF NOT EXISTS leases_expires ON leases (expires_at);
+CREATE INDEX leases_holder  ON leases (holder_id);
+CREATE INDEX leases_expires ON leases (expires_at);
 
-CREATE TABLE IF NOT EXISTS lease_generations (
-    resource_id     TEXT   PRIMARY KEY,
+CREATE TABLE lease_generations (
+    resource_id     TEXT COLLATE "C" PRIMARY KEY,
     last_generation BIGINT NOT NULL DEFAULT 0 CHECK (last_generation >= 0)
 );

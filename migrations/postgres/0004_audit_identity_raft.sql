@@ -1,7 +1,7 @@
 -- Admin and operation audit, revoked worker-token IDs, and the Raft bookkeeping row
 -- (Postgres dialect of migrations/sqlite/0004).
-CREATE TABLE IF NOT EXISTS admin_audit (
-    id          BIGSERIAL   PRIMARY KEY,
+CREATE TABLE admin_audit (
+    id          BIGINT      PRIMARY KEY,
     actor       TEXT        NOT NULL DEFAULT '',
     method      TEXT        NOT NULL DEFAULT '',
     path        TEXT        NOT NULL DEFAULT '',
@@ -13,11 +13,11 @@ CREATE TABLE IF NOT EXISTS admin_audit (
     tenant_id   TEXT        NOT NULL DEFAULT '',
     created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS admin_audit_created ON admin_audit (created_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS admin_audit_actor   ON admin_audit (actor);
+CREATE INDEX admin_audit_created ON admin_audit (created_at DESC, id DESC);
+CREATE INDEX admin_audit_actor   ON admin_audit (actor);
 
-CREATE TABLE IF NOT EXISTS operation_audit (
-    id          BIGSERIAL   PRIMARY KEY,
+CREATE TABLE operation_audit (
+    id          BIGINT      PRIMARY KEY,
     actor       TEXT        NOT NULL DEFAULT '',
     action      TEXT        NOT NULL,
     sandbox_id  TEXT        NOT NULL DEFAULT '',
@@ -28,17 +28,17 @@ CREATE TABLE IF NOT EXISTS operation_audit (
     tenant_id   TEXT        NOT NULL DEFAULT '',
     created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS operation_audit_created ON operation_audit (created_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS operation_audit_sandbox ON operation_audit (sandbox_id);
+CREATE INDEX operation_audit_created ON operation_audit (created_at DESC, id DESC);
+CREATE INDEX operation_audit_sandbox ON operation_audit (sandbox_id);
 
-CREATE TABLE IF NOT EXISTS revoked_worker_tokens (
-    jti         TEXT        PRIMARY KEY,
+CREATE TABLE revoked_worker_tokens (
+    jti         TEXT COLLATE "C" PRIMARY KEY,
     reason      TEXT        NOT NULL DEFAULT '',
     revoked_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     expires_at  TIMESTAMPTZ NOT NULL
 );
 
-CREATE TABLE IF NOT EXISTS raft_state (
+CREATE TABLE raft_state (
     id            BIGINT PRIMARY KEY CHECK (id = 1),
     applied_index BIGINT NOT NULL DEFAULT 0 CHECK (applied_index >= 0),
     applied_log   TEXT   NOT NULL DEFAULT '',

@@ -2,6 +2,8 @@
 -- Timestamps are INTEGER microseconds since the Unix epoch, always supplied by the
 -- caller (the Raft leader), never by the database clock, so every replica applies
 -- the same bytes. JSON-shaped columns are TEXT so they round-trip byte for byte.
+-- Row IDs of log tables are assigned by the store as MAX(id)+1 inside the applying
+-- transaction, so every replica assigns the same IDs.
 CREATE TABLE sandboxes (
     id          TEXT    PRIMARY KEY NOT NULL,
     state       TEXT    NOT NULL DEFAULT 'creating'
@@ -25,7 +27,7 @@ CREATE INDEX sandboxes_worker  ON sandboxes (worker_id);
 CREATE INDEX sandboxes_expires ON sandboxes (expires_at);
 
 CREATE TABLE exec_logs (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          INTEGER PRIMARY KEY NOT NULL,
     sandbox_id  TEXT    NOT NULL REFERENCES sandboxes (id),
     command     TEXT    NOT NULL,
     exit_code   INTEGER NOT NULL,

@@ -1,6 +1,6 @@
 -- Admin and operation audit, revoked worker-token IDs, and the Raft bookkeeping row.
 CREATE TABLE admin_audit (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          INTEGER PRIMARY KEY NOT NULL,
     actor       TEXT    NOT NULL DEFAULT '',
     method      TEXT    NOT NULL DEFAULT '',
     path        TEXT    NOT NULL DEFAULT '',
@@ -16,7 +16,7 @@ CREATE INDEX admin_audit_created ON admin_audit (created_at DESC, id DESC);
 CREATE INDEX admin_audit_actor   ON admin_audit (actor);
 
 CREATE TABLE operation_audit (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          INTEGER PRIMARY KEY NOT NULL,
     actor       TEXT    NOT NULL DEFAULT '',
     action      TEXT    NOT NULL,
     sandbox_id  TEXT    NOT NULL DEFAULT '',

@@ -81,6 +81,8 @@ pub enum DbCommand {
     /// Apply pending schema migrations and print the schema version.
     Migrate(DatabaseArgs),
     /// Print the schema version and the Raft applied index.
+    /// (alias of migrate: opening a database always brings it up to date)
+    #[command(hide = true)]
     Status(DatabaseArgs),
     /// Make a consistent online copy of the SQLite database, then check it.
     Backup {

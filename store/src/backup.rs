@@ -169,22 +169,33 @@ fn restrict(path: &Path) -> Result<(), BackupError> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err("chmod", path))
 }
 
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((fs::canonicalize(a), fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Writes a consistent single-file copy of `db` (WAL content included) to `out`.
+async fn vacuum_into(db: &Path, out: &Path) -> Result<(), BackupError> {
+    let mut conn = open_read_only(db).await?;
+    let made = sqlx::query("VACUUM INTO $1")
+        .bind(out.to_string_lossy().into_owned())
+        .execute(&mut conn)
+        .await
+        .map(|_| ())
+        .map_err(sqlite_err(db));
+    conn.close().await.ok();
+    made
+}
+
 /// Makes a consistent online copy of the database at `db` in `out`, verified.
 pub async fn backup(db: &Path, out: &Path, force: bool) -> Result<Verified, BackupError> {
-    if out.exists() && !force {
+    if out.exists() && (!force || same_file(db, out)) {
         return Err(BackupError::Exists(out.to_owned()));
     }
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     }
-    let mut conn = open_read_only(db).await?;
     let tmp = temp_beside(out, "partial");
-    let made = sqlx::query("VACUUM INTO $1")
-        .bind(tmp.to_string_lossy().into_owned())
-        .execute(&mut conn)
-        .await
-        .map_err(sqlite_err(db));
-    conn.close().await.ok();
+    let made = vacuum_into(db, &tmp).await;
     let finish = async {
         made?;
         restrict(&tmp)?;
@@ -206,8 +217,35 @@ pub async fn backup(db: &Path, out: &Path, force: bool) -> Result<Verified, Back
 /// Replaces the database at `db` with the verified backup `from`, keeping the
 /// current one as `<db>.pre-restore-<UTC stamp>`. The server must be stopped.
 pub async fn restore(from: &Path, db: &Path) -> Result<Restored, BackupError> {
-    let checked = verify(from).await?;
-    let previous = if db.exists() {
+    // Copy the backup (with any WAL it has) into one file beside the target and
+    // check that copy: what gets swapped in is exactly what was verified.
+    let tmp = temp_beside(db, "restore");
+    let staged = async {
+        verify(from).await?;
+        vacuum_into(from, &tmp).await?;
+        restrict(&tmp)?;
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("sync", &tmp))?;
+        verify(&tmp).await
+    };
+    let checked = match staged.await {
+        Ok(v) => Verified {
+            path: from.to_owned(),
+            ..v
+        },
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let keep_current = async {
+        if !db.exists() {
+            if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+                fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+            }
+            return Ok(None);
+        }
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
         let keep = db.with_file_name(format!(
             "{}.pre-restore-{stamp}",
@@ -215,28 +253,28 @@ pub async fn restore(from: &Path, db: &Path) -> Result<Restored, BackupError> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         ));
-        fs::copy(db, &keep).map_err(io_err("keep a copy of", db))?;
-        for suffix in ["-wal", "-shm"] {
-            let side = PathBuf::from(format!("{}{suffix}", db.display()));
-            if side.exists() {
-                let kept = PathBuf::from(format!("{}{suffix}", keep.display()));
-                fs::copy(&side, kept).map_err(io_err("keep a copy of", &side))?;
+        // A consistent single-file copy when the current database is readable;
+        // otherwise the raw files, WAL included, so nothing is lost either way.
+        if vacuum_into(db, &keep).await.is_err() {
+            fs::copy(db, &keep).map_err(io_err("keep a copy of", db))?;
+            for suffix in ["-wal", "-shm"] {
+                let side = PathBuf::from(format!("{}{suffix}", db.display()));
+                if side.exists() {
+                    let kept = PathBuf::from(format!("{}{suffix}", keep.display()));
+                    fs::copy(&side, kept).map_err(io_err("keep a copy of", &side))?;
+                }
             }
         }
-        Some(keep)
-    } else {
-        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-        }
-        None
+        Ok(Some(keep))
     };
-    let tmp = temp_beside(db, "restore");
+    let previous = match keep_current.await {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     let swap = async {
-        fs::copy(from, &tmp).map_err(io_err("copy backup to", &tmp))?;
-        restrict(&tmp)?;
-        fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err("sync", &tmp))?;
         // The old WAL belongs to the old database: it must not replay into the new one.
         for suffix in ["-wal", "-shm"] {
             let side = PathBuf::from(format!("{}{suffix}", db.display()));

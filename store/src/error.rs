@@ -64,11 +64,19 @@ impl StoreError {
                 ErrorKind::CheckViolation | ErrorKind::NotNullViolation => {
                     StoreError::Invalid(format!("{entity} {id:?} violates a schema constraint"))
                 }
+                // Postgres SQLSTATE class 22: data exceptions (bad encoding,
+                // value out of range). The input is at fault, not the database.
+                _ if db.code().is_some_and(|c| c.starts_with("22")) => StoreError::Invalid(
+                    format!("{entity} {id:?} holds a value the database cannot store"),
+                ),
                 _ => StoreError::Unavailable(format!(
                     "database error {} on {entity} {id:?}",
                     db.code().unwrap_or_default()
                 )),
             },
+            sqlx::Error::Encode(e) => StoreError::Invalid(format!(
+                "{entity} {id:?} holds a value the database cannot store: {e}"
+            )),
             sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreError::Unavailable(
                 format!("stored {entity} {id:?} could not be decoded: {err}"),
             ),

@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::StoreError;
-use crate::model::{Lease, MAX_ID_LEN, Ts, check_id, check_len};
+use crate::model::{Lease, MAX_ID_LEN, Ts, check_id, check_len, check_ts};
 
 /// Longest TTL any grant or renewal gets; longer requests are capped.
 pub const MAX_LEASE_TTL_MS: i64 = 24 * 60 * 60 * 1000;
@@ -47,7 +47,11 @@ impl AcquireLease {
         check_id("lease resource id", &self.resource_id)?;
         check_id("lease holder id", &self.holder_id)?;
         check_len("lease resource type", &self.resource_type, MAX_ID_LEN)?;
-        check_ttl(self.ttl_ms).map(|_| ())
+        check_ts("lease now", self.now)?;
+        check_ts(
+            "lease expiry",
+            self.now.plus_millis(check_ttl(self.ttl_ms)?),
+        )
     }
 }
 
@@ -100,6 +104,7 @@ pub fn decide_acquire(
 /// The lease a successful renewal writes.
 pub fn decide_renew(current: Option<&Lease>, req: &RenewLease) -> Result<Lease, StoreError> {
     let ttl = check_ttl(req.ttl_ms)?;
+    check_ts("lease expiry", req.now.plus_millis(ttl))?;
     let Some(cur) = current else {
         return Err(StoreError::not_found("lease", &req.resource_id));
     };

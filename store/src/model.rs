@@ -57,6 +57,20 @@ impl Ts {
     }
 }
 
+/// Earliest and latest instants every driver can store (years 1 to 9999).
+pub const TS_MIN: Ts = Ts(-62_135_596_800_000_000);
+pub const TS_MAX: Ts = Ts(253_402_300_799_999_999);
+
+pub(crate) fn check_ts(kind: &str, ts: Ts) -> Result<(), StoreError> {
+    if ts < TS_MIN || ts > TS_MAX {
+        return Err(StoreError::Invalid(format!(
+            "{kind} {} µs is outside the years 1 to 9999",
+            ts.0
+        )));
+    }
+    Ok(())
+}
+
 impl fmt::Display for Ts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.to_chrono() {
@@ -179,6 +193,7 @@ pub(crate) fn check_id(kind: &str, id: &str) -> Result<(), StoreError> {
             id.len()
         )));
     }
+    check_len(kind, id, MAX_ID_LEN)?;
     if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(StoreError::Invalid(format!(
             "{kind} {id:?} contains whitespace or control characters"
@@ -188,6 +203,10 @@ pub(crate) fn check_id(kind: &str, id: &str) -> Result<(), StoreError> {
 }
 
 pub(crate) fn check_len(kind: &str, value: &str, max: usize) -> Result<(), StoreError> {
+    // Postgres TEXT cannot hold NUL; refusing it everywhere keeps drivers identical.
+    if value.contains('\0') {
+        return Err(StoreError::Invalid(format!("{kind} contains a NUL byte")));
+    }
     if value.len() > max {
         return Err(StoreError::Invalid(format!(
             "{kind} is {} bytes long; the limit is {max}",
@@ -235,6 +254,13 @@ impl Sandbox {
         check_len("sandbox image", &self.image, MAX_TEXT_LEN)?;
         check_non_negative("memory_mb", self.memory_mb)?;
         check_non_negative("vcpus", self.vcpus)?;
+        for (kind, t) in [
+            ("created_at", self.created_at),
+            ("updated_at", self.updated_at),
+            ("expires_at", self.expires_at),
+        ] {
+            check_ts(kind, t)?;
+        }
         for (kind, v) in [
             ("owner id", &self.owner_id),
             ("tenant id", &self.tenant_id),
@@ -242,6 +268,10 @@ impl Sandbox {
             ("runtime id", &self.runtime_id),
         ] {
             check_len(kind, v, MAX_ID_LEN)?;
+        }
+        for (k, v) in &self.metadata {
+            check_len("metadata key", k, MAX_ID_LEN)?;
+            check_len("metadata value", v, MAX_TEXT_LEN)?;
         }
         let meta: usize = self.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
         if meta > MAX_TEXT_LEN {

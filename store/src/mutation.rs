@@ -158,9 +158,13 @@ impl Mutation {
     pub fn validate(&self) -> Result<(), StoreError> {
         match self {
             Mutation::CreateSandbox(s) => s.validate(),
-            Mutation::SetSandboxState { id, .. }
-            | Mutation::SetSandboxExpiry { id, .. }
-            | Mutation::DestroySandbox { id, .. } => check_id("sandbox id", id),
+            Mutation::SetSandboxExpiry { id, expires_at, .. } => {
+                check_id("sandbox id", id)?;
+                check_ts("expires_at", *expires_at)
+            }
+            Mutation::SetSandboxState { id, .. } | Mutation::DestroySandbox { id, .. } => {
+                check_id("sandbox id", id)
+            }
             Mutation::SetSandboxPlacement {
                 id,
                 worker_id,

@@ -36,6 +36,25 @@ pub fn redact_dsn(dsn: &str) -> String {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
             }
+            // sqlx also takes the password as a query parameter.
+            let pairs: Vec<(String, String)> = u
+                .query_pairs()
+                .map(|(k, v)| {
+                    let secret =
+                        k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
+                    (
+                        k.into_owned(),
+                        if secret {
+                            "***".to_owned()
+                        } else {
+                            v.into_owned()
+                        },
+                    )
+                })
+                .collect();
+            if !pairs.is_empty() {
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             u.to_string()
         }
         Err(_) => "<unparseable DSN>".to_owned(),

@@ -272,12 +272,13 @@ macro_rules! sql_store {
             Ok(())
         }
 
-        async fn acquire_lease(conn: &mut $conn, req: &AcquireLease) -> Result<MutationOutput, StoreError> {
-            req.validate()?;
-            let rid = req.resource_id.as_str();
-            // Write first: on SQLite this already holds the writer lock; on
-            // Postgres it creates the counter row that `FOR UPDATE` then locks,
-            // so racing acquirers of one resource queue here.
+        /// Locks a resource's lease state and returns the highest generation
+        /// ever granted for it. Every lease operation calls this first, so all
+        /// of them take locks in the same order (no deadlocks on Postgres) and
+        /// racing acquirers of one resource queue here: on Postgres on the
+        /// `FOR UPDATE` row lock, on SQLite on the writer lock that
+        /// `BEGIN IMMEDIATE` already holds.
+        async fn lock_resource(conn: &mut $conn, rid: &str) -> Result<i64, StoreError> {
             sqlx::query(
                 "INSERT INTO lease_generations (resource_id, last_generation) VALUES ($1, 0) \
                  ON CONFLICT (resource_id) DO NOTHING",
@@ -290,12 +291,18 @@ macro_rules! sql_store {
                 "SELECT last_generation FROM lease_generations WHERE resource_id = $1{}",
                 $lock
             );
-            let last: i64 = sqlx::query(sqlx::AssertSqlSafe(sql))
+            sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(rid)
                 .fetch_one(&mut *conn)
                 .await
                 .and_then(|r| r.try_get(0))
-                .map_err(|e| StoreError::from_sqlx(e, "lease", rid))?;
+                .map_err(|e| StoreError::from_sqlx(e, "lease", rid))
+        }
+
+        async fn acquire_lease(conn: &mut $conn, req: &AcquireLease) -> Result<MutationOutput, StoreError> {
+            req.validate()?;
+            let rid = req.resource_id.as_str();
+            let last = lock_resource(conn, rid).await?;
             let current = fetch_lease(conn, rid).await?;
             let granted = lease::decide_acquire(current.as_ref(), last, req)?;
             write_lease(conn, &granted).await?;
@@ -309,6 +316,8 @@ macro_rules! sql_store {
         }
 
         async fn renew_lease(conn: &mut $conn, req: &RenewLease) -> Result<MutationOutput, StoreError> {
+            $crate::model::check_id("lease resource id", &req.resource_id)?;
+            lock_resource(conn, &req.resource_id).await?;
             let current = fetch_lease(conn, &req.resource_id).await?;
             let renewed = lease::decide_renew(current.as_ref(), req)?;
             write_lease(conn, &renewed).await?;
@@ -316,6 +325,7 @@ macro_rules! sql_store {
         }
 
         async fn delete_lease(conn: &mut $conn, rid: &str) -> Result<MutationOutput, StoreError> {
+            lock_resource(conn, rid).await?;
             let done = sqlx::query("DELETE FROM leases WHERE resource_id = $1")
                 .bind(rid)
                 .execute(&mut *conn)
@@ -487,8 +497,9 @@ macro_rules! sql_store {
                 }
                 Mutation::AppendExecLog(l) => {
                     let q = sqlx::query(
-                        "INSERT INTO exec_logs (sandbox_id, command, exit_code, stdout, stderr, \
-                         duration_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                        "INSERT INTO exec_logs (id, sandbox_id, command, exit_code, stdout, stderr, \
+                         duration_ms, created_at) VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM exec_logs), \
+                         $1, $2, $3, $4, $5, $6, $7) RETURNING id",
                     )
                     .bind(&l.sandbox_id)
                     .bind(&l.command)
@@ -540,6 +551,7 @@ macro_rules! sql_store {
                 Mutation::AcquireLease(req) => acquire_lease(conn, req).await,
                 Mutation::RenewLease(req) => renew_lease(conn, req).await,
                 Mutation::ReleaseLease { resource_id, holder_id } => {
+                    lock_resource(conn, resource_id).await?;
                     let current = fetch_lease(conn, resource_id).await?;
                     lease::decide_release(current.as_ref(), resource_id, holder_id)?;
                     delete_lease(conn, resource_id).await
@@ -680,9 +692,10 @@ macro_rules! sql_store {
                 }
                 Mutation::AppendAdminAudit(a) => {
                     let q = sqlx::query(
-                        "INSERT INTO admin_audit (actor, method, path, status, duration_ms, request_id, \
+                        "INSERT INTO admin_audit (id, actor, method, path, status, duration_ms, request_id, \
                          remote_addr, user_agent, tenant_id, created_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+                         VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM admin_audit), \
+                         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
                     )
                     .bind(&a.actor)
                     .bind(&a.method)
@@ -702,9 +715,10 @@ macro_rules! sql_store {
                 }
                 Mutation::AppendOperationAudit(a) => {
                     let q = sqlx::query(
-                        "INSERT INTO operation_audit (actor, action, sandbox_id, resource, runtime, \
+                        "INSERT INTO operation_audit (id, actor, action, sandbox_id, resource, runtime, \
                          status, detail, tenant_id, created_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                         VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM operation_audit), \
+                         $1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
                     )
                     .bind(&a.actor)
                     .bind(&a.action)
@@ -879,22 +893,34 @@ macro_rules! sql_store {
             ) -> Result<BatchOutcome, StoreError> {
                 let index = index_i64(at.index)?;
                 let mut tx = self.begin_write().await?;
-                // Claim the index first: the conditional update both takes the
-                // write lock and decides, atomically, whether this entry is new.
-                let claimed = sqlx::query(
-                    "UPDATE raft_state SET applied_index = $1, applied_log = $2 \
-                     WHERE id = 1 AND applied_index < $1",
-                )
-                .bind(index)
-                .bind(&at.log_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "raft state", "1"))?;
-                if claimed.rows_affected() == 0 {
-                    drop(tx);
-                    let state = self.raft_state().await?;
-                    return Ok(BatchOutcome::Skipped { applied_index: state.applied_index });
+                // Read the applied index under the write lock (Postgres: the row
+                // lock; SQLite: BEGIN IMMEDIATE already holds the writer lock),
+                // so exactly one of several appliers sharing a database sees
+                // this index as new.
+                let sql = format!("SELECT applied_index FROM raft_state WHERE id = 1{}", $lock);
+                let stored: i64 = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .and_then(|r| r.try_get(0))
+                    .map_err(|e| StoreError::from_sqlx(e, "raft state", "1"))?;
+                if stored >= index {
+                    return Ok(BatchOutcome::Skipped { applied_index: u64::try_from(stored).unwrap_or_default() });
                 }
+                if stored != index - 1 {
+                    // Skipping entries would silently lose their effects.
+                    return Err(StoreError::Invalid(format!(
+                        "log index {index} does not follow the applied index {stored}; \
+                         entries {} to {} are missing",
+                        stored + 1,
+                        index - 1
+                    )));
+                }
+                sqlx::query("UPDATE raft_state SET applied_index = $1, applied_log = $2 WHERE id = 1")
+                    .bind(index)
+                    .bind(&at.log_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "raft state", "1"))?;
                 let mut outs = Vec::with_capacity(mutations.len());
                 for m in mutations {
                     let out = apply_guarded(&mut tx, m, 0).await;

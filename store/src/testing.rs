@@ -1357,6 +1357,23 @@ pub mod cases {
             .await,
             "empty pattern",
         );
+        let mut nul = sandbox("sb-nul00001", "a", 0);
+        nul.image = "busy\0box".into();
+        assert_invalid(
+            exec(s, Mutation::CreateSandbox(nul)).await,
+            "NUL byte (Postgres TEXT cannot hold it)",
+        );
+        let mut far = sandbox("sb-far00001", "a", 0);
+        far.expires_at = Ts(i64::MAX);
+        assert_invalid(
+            exec(s, Mutation::CreateSandbox(far)).await,
+            "expiry beyond year 9999",
+        );
+        assert_invalid(
+            s.acquire_lease(acquire("sb-far", "w1", 1_000, Ts(i64::MAX)))
+                .await,
+            "lease now out of range",
+        );
         assert!("bogus".parse::<SandboxState>().is_err());
         assert!(
             s.list_sandboxes(&SandboxFilter::default())
@@ -1381,30 +1398,28 @@ pub mod cases {
                 membership: "{\"voters\":[1,2,3]}".into(),
             },
         ];
-        let BatchOutcome::Applied(outs) = s.apply_batch(&at_index(5), &batch).await.unwrap() else {
-            panic!("index 5 is new")
+        let BatchOutcome::Applied(outs) = s.apply_batch(&at_index(1), &batch).await.unwrap() else {
+            panic!("index 1 is new")
         };
         assert!(outs.iter().all(Result::is_ok), "{outs:?}");
         let state = s.raft_state().await.unwrap();
         assert_eq!(
             (state.applied_index, state.membership.as_str()),
-            (5, "{\"voters\":[1,2,3]}")
+            (1, "{\"voters\":[1,2,3]}")
         );
-        assert_eq!(state.applied_log, at_index(5).log_id);
+        assert_eq!(state.applied_log, at_index(1).log_id);
 
-        // Replaying the same entry, or an older one, changes nothing.
-        for i in [5, 4, 1] {
-            let replay = vec![Mutation::AcquireLease(acquire(
-                "sb-raft0001",
-                "w1",
-                5_000,
-                at(1),
-            ))];
-            assert_eq!(
-                s.apply_batch(&at_index(i), &replay).await.unwrap(),
-                BatchOutcome::Skipped { applied_index: 5 }
-            );
-        }
+        // Replaying the same entry changes nothing.
+        let replay = vec![Mutation::AcquireLease(acquire(
+            "sb-raft0001",
+            "w1",
+            5_000,
+            at(1),
+        ))];
+        assert_eq!(
+            s.apply_batch(&at_index(1), &replay).await.unwrap(),
+            BatchOutcome::Skipped { applied_index: 1 }
+        );
         assert_eq!(
             s.get_lease("sb-raft0001").await.unwrap().generation,
             1,
@@ -1416,21 +1431,39 @@ pub mod cases {
             Mutation::AcquireLease(acquire("sb-raft0001", "w2", 5_000, at(1))),
             Mutation::CreateSandbox(sandbox("sb-raft0002", "a", 1)),
         ];
-        let BatchOutcome::Applied(outs) = s.apply_batch(&at_index(6), &mixed).await.unwrap() else {
-            panic!("index 6 is new")
+        let BatchOutcome::Applied(outs) = s.apply_batch(&at_index(2), &mixed).await.unwrap() else {
+            panic!("index 2 is new")
         };
         assert!(
             matches!(outs[0], Err(StoreError::Conflict { .. })),
             "{outs:?}"
         );
         assert!(outs[1].is_ok());
-        assert_eq!(s.raft_state().await.unwrap().applied_index, 6);
+        assert_eq!(s.raft_state().await.unwrap().applied_index, 2);
         assert!(s.get_sandbox("sb-raft0002").await.is_ok());
         // An empty entry (e.g. a blank leader entry) still advances the index.
         assert!(
-            matches!(s.apply_batch(&at_index(7), &[]).await.unwrap(), BatchOutcome::Applied(v) if v.is_empty())
+            matches!(s.apply_batch(&at_index(3), &[]).await.unwrap(), BatchOutcome::Applied(v) if v.is_empty())
         );
-        assert_eq!(s.raft_state().await.unwrap().applied_index, 7);
+        for old in [3, 2, 1] {
+            assert_eq!(
+                s.apply_batch(&at_index(old), &replay).await.unwrap(),
+                BatchOutcome::Skipped { applied_index: 3 }
+            );
+        }
+        // A gap would lose the missing entries' effects: refused, nothing applied.
+        let gap = s
+            .apply_batch(
+                &at_index(5),
+                &[Mutation::CreateSandbox(sandbox("sb-raft0005", "a", 5))],
+            )
+            .await;
+        assert_invalid(gap, "index 5 after 3");
+        assert_eq!(s.raft_state().await.unwrap().applied_index, 3);
+        assert_not_found(
+            s.get_sandbox("sb-raft0005").await,
+            "sandbox from the refused entry",
+        );
     }
 
     pub async fn shared_database_applies_each_entry_once(db: TestDb) {

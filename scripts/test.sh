@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The whole test gate, identical locally and in CI (.ci/run calls it):
+#   cargo fmt --check, cargo clippy -D warnings, cargo nextest run --workspace,
+# with a throwaway Postgres (initdb + pg_ctl in a temp dir, free loopback port,
+# stopped on exit) unless STACYVM_POSTGRES_TEST_DSN is already set.
+# Under CI=true nothing is skipped: missing Postgres binaries are installed, and
+# a Postgres that cannot start fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/postgres.sh
+source scripts/lib/postgres.sh
+
+started=$(date +%s)
+declare -a results=()
+cleanup() { pg_throwaway_stop; }
+trap cleanup EXIT
+
+step() {
+  local name=$1; shift
+  local t0=$(date +%s)
+  echo "==> $name: $*" >&2
+  if "$@"; then
+    results+=("PASS $name ($(( $(date +%s) - t0 ))s)")
+  else
+    results+=("FAIL $name ($(( $(date +%s) - t0 ))s)")
+    summary
+    exit 1
+  fi
+}
+
+summary() {
+  echo >&2
+  echo "==> summary ($(( $(date +%s) - started ))s)" >&2
+  printf '    %s\n' "${results[@]}" >&2
+}
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "cargo-nextest not found; installing it" >&2
+  cargo install --locked cargo-nextest
+fi
+
+if [ -z "${STACYVM_POSTGRES_TEST_DSN:-}" ]; then
+  if ! pg_throwaway_start; then
+    if [ "${CI:-}" = "true" ]; then
+      echo "FAIL: CI=true and no Postgres could be started" >&2
+      exit 1
+    fi
+    echo "WARNING: no Postgres: the live Postgres cases will print SKIP" >&2
+  fi
+fi
+[ -n "${STACYVM_POSTGRES_TEST_DSN:-}" ] && echo "live Postgres tests: enabled" >&2
+
+step fmt cargo fmt --all --check
+step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+step nextest cargo nextest run --workspace --locked
+summary
