@@ -1,0 +1,83 @@
+//! The one place Raft commands are encoded and decoded.
+//!
+//! A log entry's payload is `[version byte] ++ bincode(Command)`. Version 1 is
+//! the first format. Rules that keep every committed entry readable forever:
+//! new [`Command`] (and store `Mutation`) variants go at the end; existing
+//! variants and fields never change meaning; a format change bumps
+//! [`CURRENT_VERSION`] and keeps a decoder for every older version. The
+//! fixtures under `raft/tests/fixtures/` are version-1 encodings that must keep
+//! decoding to the same values.
+//!
+//! bincode is behind this module alone (it is unmaintained, RUSTSEC-2025-0141),
+//! so swapping it touches nothing else.
+
+use serde::{Deserialize, Serialize};
+use stacyvm_store::Mutation;
+
+/// The format [`encode`] writes.
+pub const CURRENT_VERSION: u8 = 1;
+/// Largest payload [`decode`] accepts; anything bigger is corruption or abuse.
+pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
+
+/// What one Raft log entry asks every replica to do. The leader has already
+/// filled in every non-deterministic input (IDs, timestamps, "now").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Apply these store mutations, in order, in one transaction.
+    Store(Vec<Mutation>),
+}
+
+/// Why a payload could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("empty command payload")]
+    Empty,
+    #[error("command payload is {0} bytes; the limit is {MAX_PAYLOAD}")]
+    TooLarge(usize),
+    #[error(
+        "command format version {0} is newer than this binary understands (up to {CURRENT_VERSION}); upgrade stacyvm"
+    )]
+    UnknownVersion(u8),
+    #[error("corrupt command payload (version {version}): {reason}")]
+    Corrupt { version: u8, reason: String },
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_PAYLOAD>()
+}
+
+/// Encodes `cmd` in the current format.
+pub fn encode(cmd: &Command) -> Vec<u8> {
+    let mut out = vec![CURRENT_VERSION];
+    // Encoding plain data into a Vec cannot fail except past the size limit,
+    // which callers bound long before (request bodies are bounded).
+    if let Ok(body) = bincode::serde::encode_to_vec(cmd, config()) {
+        out.extend_from_slice(&body);
+    }
+    out
+}
+
+/// Decodes a payload of any supported version.
+pub fn decode(bytes: &[u8]) -> Result<Command, DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if bytes.len() > MAX_PAYLOAD {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    match version {
+        1 => {
+            let (cmd, used) = bincode::serde::decode_from_slice::<Command, _>(body, config())
+                .map_err(|e| DecodeError::Corrupt {
+                    version,
+                    reason: e.to_string(),
+                })?;
+            if used != body.len() {
+                return Err(DecodeError::Corrupt {
+                    version,
+                    reason: format!("{} trailing bytes", body.len() - used),
+                });
+            }
+            Ok(cmd)
+        }
+        v => Err(DecodeError::UnknownVersion(v)),
+    }
+}

@@ -1,0 +1,4 @@
+//! Integration tests for `stacyvm-raft` (one binary; see the modules).
+
+mod codec_fixtures;
+mod crash;
