@@ -170,6 +170,11 @@ pub trait Store: Send + Sync + fmt::Debug {
         mutations: &[Mutation],
     ) -> Result<BatchOutcome, StoreError>;
     async fn raft_state(&self) -> Result<RaftState, StoreError>;
+    /// Every table, from one consistent read (the Raft snapshot's contents).
+    async fn export_snapshot(&self) -> Result<StoreSnapshot, StoreError>;
+    /// Replaces every table, and the Raft bookkeeping, with `snapshot` in one
+    /// transaction.
+    async fn install_snapshot(&self, snapshot: &StoreSnapshot) -> Result<(), StoreError>;
 
     /// A sandbox, destroyed ones included.
     async fn get_sandbox(&self, id: &str) -> Result<Sandbox, StoreError>;

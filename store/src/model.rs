@@ -298,7 +298,7 @@ pub struct SandboxFilter {
 /// One finished exec, as recorded for `GET /sandboxes/{id}/logs`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecLog {
-    /// Assigned by the store; ignored on insert.
+    /// Assigned by the store (the next free ID) when 0 on insert.
     pub id: i64,
     pub sandbox_id: String,
     pub command: String,
@@ -495,7 +495,7 @@ impl Template {
 /// One admin-route request that passed authentication.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminAudit {
-    /// Assigned by the store; ignored on insert.
+    /// Assigned by the store (the next free ID) when 0 on insert.
     pub id: i64,
     pub actor: String,
     pub method: String,
@@ -534,7 +534,7 @@ pub struct AdminAuditFilter {
 /// One sandbox operation (spawn, destroy, exec, file access).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperationAudit {
-    /// Assigned by the store; ignored on insert.
+    /// Assigned by the store (the next free ID) when 0 on insert.
     pub id: i64,
     pub actor: String,
     pub action: String,
@@ -607,4 +607,26 @@ pub struct AppliedLog {
 
 pub(crate) fn clamp_limit(limit: Option<i64>, default: i64, max: i64) -> i64 {
     limit.unwrap_or(default).clamp(1, max)
+}
+
+/// Every row of every table plus the Raft bookkeeping: the logical snapshot a
+/// replica ships to another. Built from one consistent read; installed in one
+/// transaction that replaces every table.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreSnapshot {
+    pub raft: RaftState,
+    pub sandboxes: Vec<Sandbox>,
+    pub exec_logs: Vec<ExecLog>,
+    pub workers: Vec<Worker>,
+    pub leases: Vec<Lease>,
+    /// `(resource_id, last_generation)`: the fencing counters, kept forever.
+    pub lease_generations: Vec<(String, i64)>,
+    pub tenants: Vec<Tenant>,
+    pub members: Vec<TenantMember>,
+    pub policies: Vec<Policy>,
+    pub quotas: Vec<OwnerQuota>,
+    pub templates: Vec<Template>,
+    pub admin_audit: Vec<AdminAudit>,
+    pub operation_audit: Vec<OperationAudit>,
+    pub revoked_tokens: Vec<RevokedToken>,
 }

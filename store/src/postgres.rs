@@ -153,5 +153,6 @@ crate::sql::sql_store!(
     db = sqlx::Postgres,
     conn = PgConnection,
     begin = "BEGIN",
+    begin_read = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
     for_update = " FOR UPDATE",
 );

@@ -17,7 +17,7 @@
 //! transaction.
 
 macro_rules! sql_store {
-    (store = $store:ident, db = $db:ty, conn = $conn:ty, begin = $begin:expr, for_update = $lock:expr $(,)?) => {
+    (store = $store:ident, db = $db:ty, conn = $conn:ty, begin = $begin:expr, begin_read = $begin_read:expr, for_update = $lock:expr $(,)?) => {
         use std::future::Future;
         use std::pin::Pin;
 
@@ -498,7 +498,7 @@ macro_rules! sql_store {
                 Mutation::AppendExecLog(l) => {
                     let q = sqlx::query(
                         "INSERT INTO exec_logs (id, sandbox_id, command, exit_code, stdout, stderr, \
-                         duration_ms, created_at) VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM exec_logs), \
+                         duration_ms, created_at) VALUES (COALESCE(NULLIF($8, 0), (SELECT COALESCE(MAX(id), 0) + 1 FROM exec_logs)), \
                          $1, $2, $3, $4, $5, $6, $7) RETURNING id",
                     )
                     .bind(&l.sandbox_id)
@@ -507,7 +507,8 @@ macro_rules! sql_store {
                     .bind(&l.stdout)
                     .bind(&l.stderr)
                     .bind(l.duration_ms)
-                    .bind(l.created_at);
+                    .bind(l.created_at)
+                    .bind(l.id);
                     insert_returning_id(conn, q, "exec log for sandbox", &l.sandbox_id).await
                 }
                 Mutation::DeleteExecLogsBefore { before } => {
@@ -694,7 +695,7 @@ macro_rules! sql_store {
                     let q = sqlx::query(
                         "INSERT INTO admin_audit (id, actor, method, path, status, duration_ms, request_id, \
                          remote_addr, user_agent, tenant_id, created_at) \
-                         VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM admin_audit), \
+                         VALUES (COALESCE(NULLIF($11, 0), (SELECT COALESCE(MAX(id), 0) + 1 FROM admin_audit)), \
                          $1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
                     )
                     .bind(&a.actor)
@@ -706,7 +707,8 @@ macro_rules! sql_store {
                     .bind(&a.remote_addr)
                     .bind(&a.user_agent)
                     .bind(&a.tenant_id)
-                    .bind(a.created_at);
+                    .bind(a.created_at)
+                    .bind(a.id);
                     insert_returning_id(conn, q, "admin audit", &a.request_id).await
                 }
                 Mutation::DeleteAdminAuditBefore { before } => {
@@ -717,7 +719,7 @@ macro_rules! sql_store {
                     let q = sqlx::query(
                         "INSERT INTO operation_audit (id, actor, action, sandbox_id, resource, runtime, \
                          status, detail, tenant_id, created_at) \
-                         VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM operation_audit), \
+                         VALUES (COALESCE(NULLIF($10, 0), (SELECT COALESCE(MAX(id), 0) + 1 FROM operation_audit)), \
                          $1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
                     )
                     .bind(&a.actor)
@@ -728,7 +730,8 @@ macro_rules! sql_store {
                     .bind(a.status.as_str())
                     .bind(&a.detail)
                     .bind(&a.tenant_id)
-                    .bind(a.created_at);
+                    .bind(a.created_at)
+                    .bind(a.id);
                     insert_returning_id(conn, q, "operation audit", &a.action).await
                 }
                 Mutation::DeleteOperationAuditBefore { before } => {
@@ -821,6 +824,115 @@ macro_rules! sql_store {
                 done.push(m.version);
             }
             Ok(done)
+        }
+
+        /// Every row of `table` (ordered by `order`), mapped with `f`.
+        async fn dump<T>(
+            conn: &mut $conn,
+            cols: &str,
+            table: &str,
+            order: &str,
+            f: fn(&DbRow) -> Result<T, sqlx::Error>,
+        ) -> Result<Vec<T>, StoreError> {
+            let sql = format!("SELECT {cols} FROM {table} ORDER BY {order}");
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, table, ""))?;
+            map_rows(rows, f, table)
+        }
+
+        fn raft_row(r: &DbRow) -> Result<RaftState, sqlx::Error> {
+            let idx: i64 = r.try_get("applied_index")?;
+            Ok(RaftState {
+                applied_index: u64::try_from(idx).unwrap_or_default(),
+                applied_log: r.try_get("applied_log")?,
+                membership: r.try_get("membership")?,
+            })
+        }
+
+        fn generation_row(r: &DbRow) -> Result<(String, i64), sqlx::Error> {
+            Ok((r.try_get(0)?, r.try_get(1)?))
+        }
+
+        async fn export_all(conn: &mut $conn) -> Result<StoreSnapshot, StoreError> {
+            let raft = dump(conn, "applied_index, applied_log, membership", "raft_state", "id", raft_row)
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::not_found("raft state", "1"))?;
+            Ok(StoreSnapshot {
+                raft,
+                sandboxes: dump(conn, SANDBOX_COLS, "sandboxes", "id", sandbox_row).await?,
+                exec_logs: dump(conn, EXEC_LOG_COLS, "exec_logs", "id", exec_log_row).await?,
+                workers: dump(conn, WORKER_COLS, "workers", "id", worker_row).await?,
+                leases: dump(conn, LEASE_COLS, "leases", "resource_id", lease_row).await?,
+                lease_generations: dump(
+                    conn,
+                    "resource_id, last_generation",
+                    "lease_generations",
+                    "resource_id",
+                    generation_row,
+                )
+                .await?,
+                tenants: dump(conn, TENANT_COLS, "tenants", "id", tenant_row).await?,
+                members: dump(conn, MEMBER_COLS, "tenant_members", "tenant_id, user_id", member_row).await?,
+                policies: dump(conn, POLICY_COLS, "policies", "id", policy_row).await?,
+                quotas: dump(conn, QUOTA_COLS, "owner_quotas", "owner_id", quota_row).await?,
+                templates: dump(conn, TEMPLATE_COLS, "templates", "name", template_row).await?,
+                admin_audit: dump(conn, ADMIN_AUDIT_COLS, "admin_audit", "id", admin_audit_row).await?,
+                operation_audit: dump(conn, OP_AUDIT_COLS, "operation_audit", "id", op_audit_row).await?,
+                revoked_tokens: dump(conn, REVOKED_COLS, "revoked_worker_tokens", "jti", revoked_row).await?,
+            })
+        }
+
+        async fn replace_all(conn: &mut $conn, snap: &StoreSnapshot) -> Result<(), StoreError> {
+            // Children before parents, so foreign keys hold at every step.
+            for table in [
+                "exec_logs", "tenant_members", "policies", "sandboxes", "tenants", "leases",
+                "lease_generations", "workers", "owner_quotas", "templates", "admin_audit",
+                "operation_audit", "revoked_worker_tokens",
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}")))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, table, ""))?;
+            }
+            // Parents before children. Rows keep their IDs (non-zero IDs are kept).
+            let mut all: Vec<Mutation> = Vec::new();
+            all.extend(snap.sandboxes.iter().cloned().map(Mutation::CreateSandbox));
+            all.extend(snap.exec_logs.iter().cloned().map(Mutation::AppendExecLog));
+            all.extend(snap.workers.iter().cloned().map(Mutation::PutWorker));
+            all.extend(snap.tenants.iter().cloned().map(Mutation::CreateTenant));
+            all.extend(snap.members.iter().cloned().map(Mutation::PutMember));
+            all.extend(snap.policies.iter().cloned().map(Mutation::CreatePolicy));
+            all.extend(snap.quotas.iter().cloned().map(Mutation::PutQuota));
+            all.extend(snap.templates.iter().cloned().map(Mutation::CreateTemplate));
+            all.extend(snap.admin_audit.iter().cloned().map(Mutation::AppendAdminAudit));
+            all.extend(snap.operation_audit.iter().cloned().map(Mutation::AppendOperationAudit));
+            all.extend(snap.revoked_tokens.iter().cloned().map(Mutation::RevokeToken));
+            for m in &all {
+                m.validate()?;
+                apply_one(conn, m, 0).await?;
+            }
+            for l in &snap.leases {
+                write_lease(conn, l).await?;
+            }
+            for (rid, generation) in &snap.lease_generations {
+                sqlx::query("INSERT INTO lease_generations (resource_id, last_generation) VALUES ($1, $2)")
+                    .bind(rid)
+                    .bind(*generation)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "lease", rid))?;
+            }
+            sqlx::query("UPDATE raft_state SET applied_index = $1, applied_log = $2, membership = $3 WHERE id = 1")
+                .bind(index_i64(snap.raft.applied_index)?)
+                .bind(&snap.raft.applied_log)
+                .bind(&snap.raft.membership)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "raft state", "1"))?;
+            Ok(())
         }
 
         impl $store {
@@ -935,6 +1047,24 @@ macro_rules! sql_store {
                     .await
                     .map_err(|e| StoreError::Unavailable($crate::error::describe_transport(&e)))?;
                 Ok(BatchOutcome::Applied(outs))
+            }
+
+            async fn export_snapshot(&self) -> Result<StoreSnapshot, StoreError> {
+                let mut tx = self
+                    .pool
+                    .begin_with($begin_read)
+                    .await
+                    .map_err(|e| StoreError::Unavailable($crate::error::describe_transport(&e)))?;
+                // Read-only: dropping the transaction afterwards rolls it back.
+                export_all(&mut tx).await
+            }
+
+            async fn install_snapshot(&self, snap: &StoreSnapshot) -> Result<(), StoreError> {
+                let mut tx = self.begin_write().await?;
+                replace_all(&mut tx, snap).await?;
+                tx.commit()
+                    .await
+                    .map_err(|e| StoreError::Unavailable($crate::error::describe_transport(&e)))
             }
 
             async fn raft_state(&self) -> Result<RaftState, StoreError> {

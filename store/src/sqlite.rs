@@ -83,5 +83,7 @@ crate::sql::sql_store!(
     db = sqlx::Sqlite,
     conn = SqliteConnection,
     begin = "BEGIN IMMEDIATE",
+    // A deferred transaction reads one WAL snapshot from its first read on.
+    begin_read = "BEGIN",
     for_update = "",
 );
