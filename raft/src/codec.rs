@@ -81,3 +81,40 @@ pub fn decode(bytes: &[u8]) -> Result<Command, DecodeError> {
         v => Err(DecodeError::UnknownVersion(v)),
     }
 }
+
+/// Encodes any serde value (log entries, votes, log IDs, snapshots) in the
+/// current format: the same version byte, the same bincode configuration.
+pub fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, DecodeError> {
+    let mut out = vec![CURRENT_VERSION];
+    let body =
+        bincode::serde::encode_to_vec(value, config()).map_err(|e| DecodeError::Corrupt {
+            version: CURRENT_VERSION,
+            reason: e.to_string(),
+        })?;
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes a value written by [`encode_value`].
+pub fn decode_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if bytes.len() > MAX_PAYLOAD {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    if version != 1 {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    let (v, used) = bincode::serde::decode_from_slice::<T, _>(body, config()).map_err(|e| {
+        DecodeError::Corrupt {
+            version,
+            reason: e.to_string(),
+        }
+    })?;
+    if used != body.len() {
+        return Err(DecodeError::Corrupt {
+            version,
+            reason: format!("{} trailing bytes", body.len() - used),
+        });
+    }
+    Ok(v)
+}

