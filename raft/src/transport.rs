@@ -280,12 +280,17 @@ impl RpcServer {
         self.local_addr
     }
 
-    /// Closes every connection, stops accepting, and waits (briefly) for peers
-    /// to learn of the close, so the port is free again when this returns.
-    pub async fn shutdown(self) {
+    /// Closes every connection, stops accepting, and waits (at most a couple
+    /// of seconds) for peers to learn of the close. The UDP port is released
+    /// once quinn's background driver notices; rebinding it immediately in
+    /// the same process may need a short retry.
+    pub async fn shutdown(mut self) {
         self.endpoint
             .close(VarInt::from_u32(codes::SHUTDOWN), b"server shutting down");
         self.accept_task.abort();
+        // Awaiting the aborted task makes sure it, and the connection and
+        // stream tasks it owns, have let go of their endpoint handles.
+        let _ = (&mut self.accept_task).await;
         // Waiting for the closes to be acknowledged lets clients see a clean
         // close instead of waiting out their idle timeout; the bound keeps an
         // unreachable peer from holding up shutdown.

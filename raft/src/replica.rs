@@ -1,0 +1,417 @@
+//! One control-plane replica's Raft side: the openraft instance over our log
+//! store and state machine, the QUIC RPC server that feeds it, and the
+//! leader-aware entry points the node uses (write, read barrier, membership).
+//!
+//! Any replica accepts a write: the leader proposes it; a follower forwards it
+//! to the leader over the same QUIC channel and returns the leader's answer.
+//! With no leader known, a request waits a bounded time and then fails with
+//! [`WriteError::NoLeader`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
+use stacyvm_store::Store;
+
+use crate::certs::NodeTls;
+use crate::codec::{Command, decode_value, encode_value};
+use crate::log::SledLog;
+use crate::log_store::RaftLogStore;
+use crate::network::{QuicNetwork, call};
+use crate::rpc::{Members, RpcReply, RpcRequest, WriteError};
+use crate::state_machine::StoreStateMachine;
+use crate::transport::{RpcClient, RpcHandler, RpcServer, serve};
+use crate::types::{LogId, NodeId, NodeInfo, Raft, Response};
+
+/// Raft timing. The defaults suit a LAN: heartbeats every 50 ms and an
+/// election timeout of 250–500 ms, so a dead leader is replaced in about half
+/// a second while a loaded loopback or LAN never misses five heartbeats in a
+/// row by accident.
+#[derive(Clone, Debug)]
+pub struct RaftTiming {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a snapshot (and purge the log before it) every this many entries.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind the last snapshot, for slow followers.
+    pub keep_logs: u64,
+    /// How long a request waits for a leader before `NoLeader`.
+    pub leader_wait: Duration,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat_ms: 50,
+            election_min_ms: 250,
+            election_max_ms: 500,
+            snapshot_every: 10_000,
+            keep_logs: 1_000,
+            leader_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything a replica needs to start.
+#[derive(Debug)]
+pub struct ReplicaConfig {
+    pub id: NodeId,
+    /// Where the QUIC server binds.
+    pub bind: SocketAddr,
+    /// How other replicas and clients reach this one.
+    pub advertise: NodeInfo,
+    pub tls: NodeTls,
+    /// The sled log directory (`<data_dir>/raft`).
+    pub log_dir: PathBuf,
+    /// This replica's store (its state machine).
+    pub store: Arc<dyn Store>,
+    pub timing: RaftTiming,
+}
+
+/// Why a replica could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid raft settings: {0}")]
+    Config(String),
+    #[error("cannot open the raft log: {0}")]
+    Log(#[from] crate::log::LogError),
+    #[error("cannot start the raft transport: {0}")]
+    Transport(#[from] crate::transport::TransportError),
+    #[error("raft failed to start: {0}")]
+    Raft(String),
+}
+
+/// A running replica.
+pub struct Replica {
+    id: NodeId,
+    raft: Raft,
+    client: Arc<RpcClient>,
+    server: Option<RpcServer>,
+    store: Arc<dyn Store>,
+    timing: RaftTiming,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("id", &self.id)
+            .field("raft_addr", &self.raft_addr())
+            .finish()
+    }
+}
+
+/// Feeds incoming RPCs to the local Raft instance.
+struct Handler {
+    raft: Raft,
+}
+
+#[async_trait]
+impl RpcHandler for Handler {
+    async fn handle(&self, _from: u64, request: Vec<u8>) -> Vec<u8> {
+        let reply = match decode_value::<RpcRequest>(&request) {
+            Err(e) => RpcReply::BadRequest(e.to_string()),
+            Ok(req) => self.dispatch(req).await,
+        };
+        encode_value(&reply).unwrap_or_default()
+    }
+}
+
+fn fatal(e: impl std::fmt::Display) -> WriteError {
+    WriteError::Fatal(e.to_string())
+}
+
+impl Handler {
+    async fn dispatch(&self, req: RpcRequest) -> RpcReply {
+        let raft = &self.raft;
+        match req {
+            RpcRequest::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
+            RpcRequest::Vote(r) => RpcReply::Vote(raft.vote(r).await),
+            RpcRequest::InstallSnapshot(r) => {
+                RpcReply::InstallSnapshot(raft.install_snapshot(r).await)
+            }
+            RpcRequest::Write(cmd) => RpcReply::Write(local_write(raft, cmd).await),
+            RpcRequest::ReadIndex => {
+                RpcReply::ReadIndex(raft.ensure_linearizable().await.map_err(|e| match e {
+                    RaftError::APIError(_) => WriteError::NoLeader,
+                    RaftError::Fatal(f) => fatal(f),
+                }))
+            }
+            RpcRequest::Join { id, node } => RpcReply::Membership(join(raft, id, node).await),
+            RpcRequest::Leave { id } => RpcReply::Membership(leave(raft, id).await),
+            RpcRequest::TransferLeader { to: _ } => {
+                // Sent to the new leader itself: it starts an election, which it
+                // wins because a voter is only asked once it has caught up.
+                RpcReply::Membership(raft.trigger().elect().await.map_err(fatal))
+            }
+            RpcRequest::Members => RpcReply::Members(Ok(members_of(raft))),
+        }
+    }
+}
+
+fn map_write_err(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> WriteError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => WriteError::NoLeader,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            WriteError::Refused(c.to_string())
+        }
+        RaftError::Fatal(f) => fatal(f),
+    }
+}
+
+/// Proposes on this replica, which must be the leader.
+async fn local_write(raft: &Raft, cmd: Command) -> Result<Response, WriteError> {
+    raft.client_write(cmd)
+        .await
+        .map(|r| r.data)
+        .map_err(map_write_err)
+}
+
+async fn join(raft: &Raft, id: NodeId, node: NodeInfo) -> Result<(), WriteError> {
+    // A learner first: it catches up (blocking until it has), then becomes a voter.
+    raft.add_learner(id, node, true)
+        .await
+        .map_err(map_write_err)?;
+    raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+        .await
+        .map(|_| ())
+        .map_err(map_write_err)
+}
+
+async fn leave(raft: &Raft, id: NodeId) -> Result<(), WriteError> {
+    raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+        .await
+        .map_err(map_write_err)?;
+    raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+        .await
+        .map(|_| ())
+        .map_err(map_write_err)
+}
+
+fn members_of(raft: &Raft) -> Members {
+    let m = raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    Members {
+        leader: m.current_leader,
+        voters: membership.voter_ids().collect(),
+        learners: membership.learner_ids().collect(),
+        nodes: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
+    }
+}
+
+impl Replica {
+    /// Opens the log, starts openraft and the QUIC server.
+    pub async fn start(cfg: ReplicaConfig) -> Result<Replica, StartError> {
+        let t = &cfg.timing;
+        let config = Config {
+            cluster_name: "stacyvm".into(),
+            heartbeat_interval: t.heartbeat_ms,
+            election_timeout_min: t.election_min_ms,
+            election_timeout_max: t.election_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_every),
+            max_in_snapshot_log_to_keep: t.keep_logs,
+            // Snapshots are logical dumps and can be tens of MB: send them in
+            // 1 MiB chunks, each with a generous timeout.
+            snapshot_max_chunk_size: 1024 * 1024,
+            install_snapshot_timeout: 10_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+        let log_dir = cfg.log_dir.clone();
+        let log = tokio::task::spawn_blocking(move || SledLog::open(&log_dir))
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))??;
+        let client = Arc::new(RpcClient::new(&cfg.tls)?);
+        let raft = Raft::new(
+            cfg.id,
+            Arc::new(config),
+            QuicNetwork::new(client.clone()),
+            RaftLogStore::new(log),
+            StoreStateMachine::new(cfg.store.clone()),
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let server = serve(cfg.bind, &cfg.tls, Arc::new(Handler { raft: raft.clone() })).await?;
+        Ok(Replica {
+            id: cfg.id,
+            raft,
+            client,
+            server: Some(server),
+            store: cfg.store,
+            timing: cfg.timing,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The openraft handle (metrics, waits).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// This replica's store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Where the QUIC server listens.
+    pub fn raft_addr(&self) -> Option<SocketAddr> {
+        self.server.as_ref().map(RpcServer::local_addr)
+    }
+
+    /// Creates a new cluster whose initial voters are `members`.
+    pub async fn bootstrap(&self, members: BTreeMap<NodeId, NodeInfo>) -> Result<(), WriteError> {
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| WriteError::Refused(e.to_string()))
+    }
+
+    /// The current leader and how to reach it, as this replica knows it.
+    pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let node = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+            .unwrap_or_default();
+        Some((id, node))
+    }
+
+    /// True when this replica is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Waits (bounded) for a known leader other than none.
+    async fn wait_leader(&self, deadline: Instant) -> Result<(NodeId, NodeInfo), WriteError> {
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            if Instant::now() >= deadline {
+                return Err(WriteError::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends `req` to the leader (this replica's handler if it leads).
+    async fn to_leader(&self, req: RpcRequest) -> Result<RpcReply, WriteError> {
+        let deadline = Instant::now() + self.timing.leader_wait;
+        loop {
+            let (leader, node) = self.wait_leader(deadline).await?;
+            let reply = if leader == self.id {
+                Handler {
+                    raft: self.raft.clone(),
+                }
+                .dispatch(req_clone(&req)?)
+                .await
+            } else {
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(100));
+                match call(&self.client, leader, &node.raft_addr, &req, left).await {
+                    Ok(r) => r,
+                    Err(crate::transport::TransportError::Timeout) => {
+                        return Err(WriteError::Timeout);
+                    }
+                    // The leader we knew is gone: wait for the next one.
+                    Err(_) => RpcReply::Write(Err(WriteError::NoLeader)),
+                }
+            };
+            let lost_leader = matches!(
+                &reply,
+                RpcReply::Write(Err(WriteError::NoLeader))
+                    | RpcReply::ReadIndex(Err(WriteError::NoLeader))
+                    | RpcReply::Membership(Err(WriteError::NoLeader))
+            );
+            if !lost_leader {
+                return Ok(reply);
+            }
+            if Instant::now() >= deadline {
+                return Err(WriteError::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Replicates `cmd` through the leader and returns its outcome once it is
+    /// committed and applied on the leader.
+    pub async fn write(&self, cmd: Command) -> Result<Response, WriteError> {
+        match self.to_leader(RpcRequest::Write(cmd)).await? {
+            RpcReply::Write(r) => r,
+            other => Err(WriteError::Fatal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Linearizable-read barrier: returns once this replica's store reflects
+    /// every write the leader had committed when the barrier started.
+    pub async fn read_barrier(&self) -> Result<(), WriteError> {
+        let read = match self.to_leader(RpcRequest::ReadIndex).await? {
+            RpcReply::ReadIndex(r) => r?,
+            other => return Err(WriteError::Fatal(format!("unexpected reply {other:?}"))),
+        };
+        let Some(log_id) = read else { return Ok(()) };
+        self.raft
+            .wait(Some(self.timing.leader_wait))
+            .applied_index_at_least(Some(log_id.index), "read barrier")
+            .await
+            .map(|_| ())
+            .map_err(|_| WriteError::Timeout)
+    }
+
+    /// Asks the leader to add `id` as a learner, wait for it to catch up, and
+    /// promote it to voter.
+    pub async fn join(&self, id: NodeId, node: NodeInfo) -> Result<(), WriteError> {
+        match self.to_leader(RpcRequest::Join { id, node }).await? {
+            RpcReply::Membership(r) => r,
+            other => Err(WriteError::Fatal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Asks the leader to remove voter `id` from the cluster.
+    pub async fn leave(&self, id: NodeId) -> Result<(), WriteError> {
+        match self.to_leader(RpcRequest::Leave { id }).await? {
+            RpcReply::Membership(r) => r,
+            other => Err(WriteError::Fatal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The membership as the leader sees it.
+    pub async fn members(&self) -> Result<Members, WriteError> {
+        match self.to_leader(RpcRequest::Members).await? {
+            RpcReply::Members(r) => r,
+            other => Err(WriteError::Fatal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The applied log ID of this replica.
+    pub fn applied(&self) -> Option<LogId> {
+        self.raft.metrics().borrow().last_applied
+    }
+
+    /// Stops Raft and the transport.
+    pub async fn shutdown(mut self) {
+        let _ = self.raft.shutdown().await;
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+}
+
+/// Requests are not `Clone` (openraft's are not); the local path re-encodes.
+fn req_clone(req: &RpcRequest) -> Result<RpcRequest, WriteError> {
+    let bytes = encode_value(req).map_err(fatal)?;
+    decode_value(&bytes).map_err(fatal)
+}

@@ -1,0 +1,296 @@
+//! Three (or four) in-process replicas over real QUIC with mutual TLS on
+//! loopback: election, replication, forwarding, linearizable reads, leader
+//! loss, catch-up from the log and from a snapshot, join and leave.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stacyvm_raft::certs::{NodeTls, TestCa};
+use stacyvm_raft::codec::Command;
+use stacyvm_raft::replica::{RaftTiming, Replica, ReplicaConfig};
+use stacyvm_raft::types::{NodeId, NodeInfo, Response};
+use stacyvm_store::testing::TestDb;
+use stacyvm_store::testing::cases::sandbox;
+use stacyvm_store::{Mutation, Store};
+
+/// One replica's durable parts, kept across restarts.
+struct Slot {
+    id: NodeId,
+    tls: NodeTls,
+    log_dir: tempfile::TempDir,
+    db: TestDb,
+    addr: Option<SocketAddr>,
+    replica: Option<Replica>,
+}
+
+impl Slot {
+    async fn new(ca: &TestCa, id: NodeId) -> Slot {
+        Slot {
+            id,
+            tls: ca.node_tls(id).expect("node tls"),
+            log_dir: tempfile::tempdir().expect("tmp"),
+            db: TestDb::sqlite().await,
+            addr: None,
+            replica: None,
+        }
+    }
+
+    /// Starts (or restarts, on the same port, log and database) this replica.
+    async fn start(&mut self, timing: &RaftTiming) {
+        let bind = self
+            .addr
+            .unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
+        let store: Arc<dyn Store> = if self.addr.is_some() {
+            self.db.reopen().await
+        } else {
+            self.db.store.clone()
+        };
+        let advertise = NodeInfo {
+            raft_addr: bind.to_string(),
+            api_addr: String::new(),
+        };
+        let replica = Replica::start(ReplicaConfig {
+            id: self.id,
+            bind,
+            advertise,
+            tls: self.tls.clone(),
+            log_dir: self.log_dir.path().to_path_buf(),
+            store,
+            timing: timing.clone(),
+        })
+        .await
+        .expect("start replica");
+        self.addr = replica.raft_addr();
+        self.replica = Some(replica);
+    }
+
+    fn info(&self) -> NodeInfo {
+        NodeInfo {
+            raft_addr: self.addr.expect("started").to_string(),
+            api_addr: format!("api-{}", self.id),
+        }
+    }
+
+    fn r(&self) -> &Replica {
+        self.replica.as_ref().expect("running")
+    }
+
+    async fn stop(&mut self) {
+        if let Some(r) = self.replica.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+async fn cluster(ca: &TestCa, n: u64, timing: &RaftTiming) -> Vec<Slot> {
+    let mut slots = Vec::new();
+    for id in 1..=n {
+        let mut s = Slot::new(ca, id).await;
+        s.start(timing).await;
+        slots.push(s);
+    }
+    let members: BTreeMap<NodeId, NodeInfo> = slots.iter().map(|s| (s.id, s.info())).collect();
+    slots[0].r().bootstrap(members).await.expect("bootstrap");
+    slots
+}
+
+/// Waits until every running replica agrees on one leader; returns its index.
+async fn wait_leader(slots: &[Slot]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let running: Vec<&Slot> = slots.iter().filter(|s| s.replica.is_some()).collect();
+        let leaders: BTreeSet<Option<NodeId>> = running
+            .iter()
+            .map(|s| s.r().leader().map(|l| l.0))
+            .collect();
+        if leaders.len() == 1
+            && let Some(Some(id)) = leaders.into_iter().next()
+            && let Some(pos) = slots.iter().position(|s| s.id == id && s.replica.is_some())
+        {
+            return pos;
+        }
+        assert!(Instant::now() < deadline, "no agreed leader within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn create(id: &str) -> Command {
+    Command::Store(vec![Mutation::CreateSandbox(sandbox(id, "alice", 0))])
+}
+
+async fn write_ok(r: &Replica, id: &str) {
+    match r.write(create(id)).await {
+        Ok(Response::Applied(results)) => {
+            assert!(results.iter().all(Result::is_ok), "{id}: {results:?}")
+        }
+        other => panic!("write {id} through node {}: {other:?}", r.id()),
+    }
+}
+
+/// Every sandbox in `ids` is readable on `slot` after a linearizable barrier.
+async fn assert_has_all(slot: &Slot, ids: &[String]) {
+    slot.r().read_barrier().await.expect("read barrier");
+    for id in ids {
+        slot.r()
+            .store()
+            .get_sandbox(id)
+            .await
+            .unwrap_or_else(|e| panic!("node {} lacks {id}: {e}", slot.id));
+    }
+}
+
+fn init() -> TestCa {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    TestCa::new().expect("test CA")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_elect_replicate_forward_and_survive_leader_loss() {
+    let ca = init();
+    let timing = RaftTiming::default();
+    let mut slots = cluster(&ca, 3, &timing).await;
+    let leader = wait_leader(&slots).await;
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+
+    // A write on a follower is forwarded to the leader and acknowledged.
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        let id = format!("sb-{i:08x}");
+        write_ok(slots[followers[i % 2]].r(), &id).await;
+        acked.push(id);
+    }
+    // Linearizable read on the other follower sees every acknowledged write.
+    assert_has_all(&slots[followers[1]], &acked).await;
+
+    // A deterministic refusal comes back as an outcome, not a failure.
+    match slots[followers[0]].r().write(create("sb-00000000")).await {
+        Ok(Response::Applied(r)) => assert!(
+            matches!(r[0], Err(stacyvm_store::StoreError::Conflict { .. })),
+            "{r:?}"
+        ),
+        other => panic!("duplicate create: {other:?}"),
+    }
+
+    // Kill the leader: a new one takes over, and nothing acknowledged is lost.
+    let killed_at = Instant::now();
+    slots[leader].stop().await;
+    let new_leader = wait_leader(&slots).await;
+    let failover = killed_at.elapsed();
+    assert_ne!(new_leader, leader);
+    for i in 30..40 {
+        let id = format!("sb-{i:08x}");
+        write_ok(slots[followers[i % 2]].r(), &id).await;
+        acked.push(id);
+    }
+    eprintln!(
+        "failover: new leader after {failover:?}, first write after {:?}",
+        killed_at.elapsed()
+    );
+    for &f in &followers {
+        assert_has_all(&slots[f], &acked).await;
+    }
+    // The old leader comes back as a follower and catches up.
+    slots[leader].start(&timing).await;
+    assert_has_all(&slots[leader], &acked).await;
+    for s in &mut slots {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_follower_catches_up_from_the_log_and_after_purge_from_a_snapshot() {
+    let ca = init();
+    // Snapshot every 20 entries and keep only 5 behind it, so a follower that
+    // misses 100 entries can only catch up from a snapshot.
+    let timing = RaftTiming {
+        snapshot_every: 20,
+        keep_logs: 5,
+        ..RaftTiming::default()
+    };
+    let mut slots = cluster(&ca, 3, &timing).await;
+    let leader = wait_leader(&slots).await;
+    let down = (leader + 1) % 3;
+
+    // Short outage: catch up from the log.
+    slots[down].stop().await;
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let id = format!("sb-a{i:07x}");
+        write_ok(slots[leader].r(), &id).await;
+        acked.push(id);
+    }
+    slots[down].start(&timing).await;
+    assert_has_all(&slots[down], &acked).await;
+
+    // Long outage: the log it needs is purged; it must install a snapshot.
+    slots[down].stop().await;
+    for i in 0..100 {
+        let id = format!("sb-b{i:07x}");
+        write_ok(slots[leader].r(), &id).await;
+        acked.push(id);
+    }
+    let purged = slots[leader].r().raft().metrics().borrow().purged;
+    assert!(
+        purged.is_some_and(|p| p.index > 50),
+        "leader purged its log: {purged:?}"
+    );
+    slots[down].start(&timing).await;
+    assert_has_all(&slots[down], &acked).await;
+    let snap = slots[down].r().raft().metrics().borrow().snapshot;
+    assert!(snap.is_some(), "the follower caught up through a snapshot");
+    for s in &mut slots {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_and_leave_under_load() {
+    let ca = init();
+    let timing = RaftTiming::default();
+    let mut slots = cluster(&ca, 3, &timing).await;
+    let leader = wait_leader(&slots).await;
+
+    // Writes keep flowing while membership changes.
+    let writer_replica_ids: Vec<usize> = vec![leader];
+    let mut acked = Vec::new();
+    let mut fourth = Slot::new(&ca, 4).await;
+    fourth.start(&timing).await;
+    let joiner_info = fourth.info();
+    let via = (leader + 1) % 3;
+    let (join_result, writes) = tokio::join!(slots[via].r().join(4, joiner_info), async {
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            let id = format!("sb-j{i:07x}");
+            write_ok(slots[writer_replica_ids[0]].r(), &id).await;
+            ids.push(id);
+        }
+        ids
+    });
+    join_result.expect("join node 4");
+    acked.extend(writes);
+    slots.push(fourth);
+    let members = slots[0].r().members().await.expect("members");
+    assert_eq!(members.voters, BTreeSet::from([1, 2, 3, 4]), "{members:?}");
+    assert_has_all(&slots[3], &acked).await;
+
+    // Remove a follower that is not the leader; the rest keep serving.
+    let leaving = slots
+        .iter()
+        .position(|s| s.id != members.leader.unwrap_or(0) && s.id != 4)
+        .expect("a follower");
+    let leaving_id = slots[leaving].id;
+    slots[3].r().leave(leaving_id).await.expect("leave");
+    slots[leaving].stop().await;
+    let members = slots[3].r().members().await.expect("members");
+    assert!(
+        !members.voters.contains(&leaving_id) && !members.nodes.contains_key(&leaving_id),
+        "{members:?}"
+    );
+    let leader = wait_leader(&slots).await;
+    write_ok(slots[leader].r(), "sb-after-leave").await;
+    for s in &mut slots {
+        s.stop().await;
+    }
+}
