@@ -8,6 +8,8 @@
 //! - [`log_store`]: openraft's log storage over the log store;
 //! - [`state_machine`]: openraft's state machine over the store (apply through
 //!   the store's exactly-once batch apply; logical snapshots);
+//! - [`leases`]: leader-side lease arbitration (grants through the log,
+//!   batched renewal in leader memory);
 //! - [`certs`]: the cluster CA and node certificates (rcgen);
 //! - [`transport`]: request/response RPC between replicas over QUIC with
 //!   mutual TLS, the peer's node ID checked against its certificate.
@@ -20,6 +22,7 @@
 
 pub mod certs;
 pub mod codec;
+pub mod leases;
 pub mod log;
 pub mod log_store;
 pub mod network;

@@ -16,14 +16,17 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
-use stacyvm_store::Store;
+use std::sync::Mutex;
+
+use stacyvm_store::{Lease, Mutation, MutationOutput, Store, StoreError, Ts};
 
 use crate::certs::NodeTls;
 use crate::codec::{Command, decode_value, encode_value};
+use crate::leases::{HeldLease, LeaseTable, RenewOutcome};
 use crate::log::SledLog;
 use crate::log_store::RaftLogStore;
 use crate::network::{QuicNetwork, call};
-use crate::rpc::{Members, RpcReply, RpcRequest, WriteError};
+use crate::rpc::{LeaseError, Members, RpcReply, RpcRequest, WriteError};
 use crate::state_machine::StoreStateMachine;
 use crate::transport::{RpcClient, RpcHandler, RpcServer, serve};
 use crate::types::{LogId, NodeId, NodeInfo, Raft, Response};
@@ -91,6 +94,7 @@ pub enum StartError {
 pub struct Replica {
     id: NodeId,
     raft: Raft,
+    handler: Handler,
     client: Arc<RpcClient>,
     server: Option<RpcServer>,
     store: Arc<dyn Store>,
@@ -107,8 +111,11 @@ impl std::fmt::Debug for Replica {
 }
 
 /// Feeds incoming RPCs to the local Raft instance.
+#[derive(Clone)]
 struct Handler {
     raft: Raft,
+    store: Arc<dyn Store>,
+    leases: Arc<Mutex<Option<LeaseTable>>>,
 }
 
 #[async_trait]
@@ -150,7 +157,144 @@ impl Handler {
                 RpcReply::Membership(raft.trigger().elect().await.map_err(fatal))
             }
             RpcRequest::Members => RpcReply::Members(Ok(members_of(raft))),
+            RpcRequest::LeaseAcquire {
+                resource_id,
+                resource_type,
+                holder_id,
+                ttl_ms,
+            } => RpcReply::Lease(
+                self.lease_acquire(resource_id, resource_type, holder_id, ttl_ms)
+                    .await,
+            ),
+            RpcRequest::LeaseRenew { holder_id, leases } => {
+                RpcReply::Renew(self.lease_renew(&holder_id, leases).await)
+            }
+            RpcRequest::LeaseRelease {
+                resource_id,
+                holder_id,
+            } => RpcReply::Lease(self.lease_release(resource_id, holder_id).await),
         }
+    }
+
+    /// Confirms leadership and that every committed entry is applied here,
+    /// and returns the lease table of the current term (fresh after an election).
+    async fn lease_term(&self) -> Result<u64, WriteError> {
+        self.raft.ensure_linearizable().await.map_err(|e| match e {
+            RaftError::APIError(_) => WriteError::NoLeader,
+            RaftError::Fatal(f) => fatal(f),
+        })?;
+        let term = self.raft.metrics().borrow().current_term;
+        let mut table = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if table.as_ref().is_none_or(|t| t.term() != term) {
+            *table = Some(LeaseTable::new(term, Instant::now()));
+        }
+        Ok(term)
+    }
+
+    fn with_table<T>(&self, f: impl FnOnce(&mut LeaseTable) -> T) -> Option<T> {
+        let mut table = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        table.as_mut().map(f)
+    }
+
+    async fn current_lease(&self, resource_id: &str) -> Result<Option<Lease>, LeaseError> {
+        match self.store.get_lease(resource_id).await {
+            Ok(l) => Ok(Some(l)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(LeaseError::Store(e)),
+        }
+    }
+
+    async fn lease_acquire(
+        &self,
+        resource_id: String,
+        resource_type: String,
+        holder_id: String,
+        ttl_ms: i64,
+    ) -> Result<Lease, LeaseError> {
+        self.lease_term().await?;
+        let current = self.current_lease(&resource_id).await?;
+        let mut now = Ts::now();
+        if let Some(l) = current.as_ref().filter(|l| l.holder_id != holder_id) {
+            let expired = self
+                .with_table(|t| t.is_expired(l, Instant::now()))
+                .unwrap_or(false);
+            if !expired {
+                return Err(LeaseError::Store(StoreError::Conflict {
+                    entity: "lease".into(),
+                    id: resource_id,
+                    reason: format!("held by {:?} (generation {})", l.holder_id, l.generation),
+                }));
+            }
+            // The leader decided it has expired; make the log say so too.
+            now = now.max(l.expires_at);
+        }
+        let req = stacyvm_store::AcquireLease {
+            resource_id,
+            resource_type,
+            holder_id,
+            ttl_ms,
+            now,
+        };
+        let granted = match local_write(
+            &self.raft,
+            Command::Store(vec![Mutation::AcquireLease(req)]),
+        )
+        .await?
+        {
+            Response::Applied(mut r) if r.len() == 1 => match r.remove(0) {
+                Ok(MutationOutput::Lease(l)) => l,
+                Ok(other) => {
+                    return Err(WriteError::Fatal(format!("acquire returned {other:?}")).into());
+                }
+                Err(e) => return Err(LeaseError::Store(e)),
+            },
+            other => return Err(WriteError::Fatal(format!("acquire returned {other:?}")).into()),
+        };
+        self.with_table(|t| t.granted(&granted, Instant::now()));
+        Ok(granted)
+    }
+
+    async fn lease_renew(
+        &self,
+        holder_id: &str,
+        leases: Vec<HeldLease>,
+    ) -> Result<RenewOutcome, WriteError> {
+        self.lease_term().await?;
+        let mut claims = Vec::with_capacity(leases.len());
+        for claim in leases {
+            let row = self
+                .current_lease(&claim.resource_id)
+                .await
+                .map_err(fatal)?;
+            claims.push((claim, row));
+        }
+        Ok(self
+            .with_table(|t| t.renew(holder_id, &claims, Instant::now()))
+            .unwrap_or_default())
+    }
+
+    async fn lease_release(
+        &self,
+        resource_id: String,
+        holder_id: String,
+    ) -> Result<Lease, LeaseError> {
+        self.lease_term().await?;
+        let current = self.current_lease(&resource_id).await?;
+        let m = Mutation::ReleaseLease {
+            resource_id: resource_id.clone(),
+            holder_id,
+        };
+        match local_write(&self.raft, Command::Store(vec![m])).await? {
+            Response::Applied(mut r) if r.len() == 1 => r.remove(0).map_err(LeaseError::Store)?,
+            other => return Err(WriteError::Fatal(format!("release returned {other:?}")).into()),
+        };
+        self.with_table(|t| t.forget(&resource_id));
+        current.ok_or_else(|| {
+            LeaseError::Store(StoreError::NotFound {
+                entity: "lease".into(),
+                id: resource_id,
+            })
+        })
     }
 }
 
@@ -237,10 +381,16 @@ impl Replica {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let server = serve(cfg.bind, &cfg.tls, Arc::new(Handler { raft: raft.clone() })).await?;
+        let handler = Handler {
+            raft: raft.clone(),
+            store: cfg.store.clone(),
+            leases: Arc::new(Mutex::new(None)),
+        };
+        let server = serve(cfg.bind, &cfg.tls, Arc::new(handler.clone())).await?;
         Ok(Replica {
             id: cfg.id,
             raft,
+            handler,
             client,
             server: Some(server),
             store: cfg.store,
@@ -312,11 +462,7 @@ impl Replica {
         loop {
             let (leader, node) = self.wait_leader(deadline).await?;
             let reply = if leader == self.id {
-                Handler {
-                    raft: self.raft.clone(),
-                }
-                .dispatch(req_clone(&req)?)
-                .await
+                self.handler.dispatch(req_clone(&req)?).await
             } else {
                 let left = deadline
                     .saturating_duration_since(Instant::now())
@@ -335,6 +481,8 @@ impl Replica {
                 RpcReply::Write(Err(WriteError::NoLeader))
                     | RpcReply::ReadIndex(Err(WriteError::NoLeader))
                     | RpcReply::Membership(Err(WriteError::NoLeader))
+                    | RpcReply::Lease(Err(LeaseError::Write(WriteError::NoLeader)))
+                    | RpcReply::Renew(Err(WriteError::NoLeader))
             );
             if !lost_leader {
                 return Ok(reply);
@@ -393,6 +541,60 @@ impl Replica {
         match self.to_leader(RpcRequest::Members).await? {
             RpcReply::Members(r) => r,
             other => Err(WriteError::Fatal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Grants a lease through the leader (see [`crate::leases`]).
+    pub async fn acquire_lease(
+        &self,
+        resource_id: &str,
+        resource_type: &str,
+        holder_id: &str,
+        ttl_ms: i64,
+    ) -> Result<Lease, LeaseError> {
+        let req = RpcRequest::LeaseAcquire {
+            resource_id: resource_id.into(),
+            resource_type: resource_type.into(),
+            holder_id: holder_id.into(),
+            ttl_ms,
+        };
+        match self.to_leader(req).await? {
+            RpcReply::Lease(r) => r,
+            other => Err(WriteError::Fatal(format!("unexpected reply {other:?}")).into()),
+        }
+    }
+
+    /// Renews every lease `holder_id` claims, in one call to the leader.
+    pub async fn renew_leases(
+        &self,
+        holder_id: &str,
+        leases: Vec<HeldLease>,
+    ) -> Result<RenewOutcome, WriteError> {
+        match self
+            .to_leader(RpcRequest::LeaseRenew {
+                holder_id: holder_id.into(),
+                leases,
+            })
+            .await?
+        {
+            RpcReply::Renew(r) => r,
+            other => Err(WriteError::Fatal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Releases a lease held by `holder_id`; returns the lease as it was.
+    pub async fn release_lease(
+        &self,
+        resource_id: &str,
+        holder_id: &str,
+    ) -> Result<Lease, LeaseError> {
+        let req = RpcRequest::LeaseRelease {
+            resource_id: resource_id.into(),
+            holder_id: holder_id.into(),
+        };
+        match self.to_leader(req).await? {
+            RpcReply::Lease(r) => r,
+            other => Err(WriteError::Fatal(format!("unexpected reply {other:?}")).into()),
         }
     }
 

@@ -13,7 +13,10 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
+use stacyvm_store::{Lease, StoreError};
+
 use crate::codec::Command;
+use crate::leases::{HeldLease, RenewOutcome};
 use crate::types::{LogId, NodeId, NodeInfo, Response, TypeConfig};
 
 /// A request from one replica to another.
@@ -41,6 +44,23 @@ pub enum RpcRequest {
     },
     /// Who is in the cluster, as the leader sees it.
     Members,
+    /// Grant a lease (decided by the leader's lease table, granted through the log).
+    LeaseAcquire {
+        resource_id: String,
+        resource_type: String,
+        holder_id: String,
+        ttl_ms: i64,
+    },
+    /// Renew every lease a holder claims, in one call (leader memory only).
+    LeaseRenew {
+        holder_id: String,
+        leases: Vec<HeldLease>,
+    },
+    /// Give a lease up (through the log).
+    LeaseRelease {
+        resource_id: String,
+        holder_id: String,
+    },
 }
 
 /// The answer to an [`RpcRequest`].
@@ -55,6 +75,8 @@ pub enum RpcReply {
     ReadIndex(Result<Option<LogId>, WriteError>),
     Membership(Result<(), WriteError>),
     Members(Result<Members, WriteError>),
+    Lease(Result<Lease, LeaseError>),
+    Renew(Result<RenewOutcome, WriteError>),
     /// The request could not be decoded or handled at all.
     BadRequest(String),
 }
@@ -83,4 +105,15 @@ pub enum WriteError {
     /// This replica can no longer serve (storage failure, shutting down).
     #[error("replica failure: {0}")]
     Fatal(String),
+}
+
+/// Why a lease operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum LeaseError {
+    /// The store's answer (`Conflict` naming the holder, `Invalid`, `NotFound`).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No leader, timeout or replica failure.
+    #[error(transparent)]
+    Write(#[from] WriteError),
 }

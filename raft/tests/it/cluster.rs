@@ -294,3 +294,135 @@ async fn join_and_leave_under_load() {
         s.stop().await;
     }
 }
+
+fn held(rid: &str, generation: i64) -> stacyvm_raft::leases::HeldLease {
+    stacyvm_raft::leases::HeldLease {
+        resource_id: rid.into(),
+        generation,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_are_arbitrated_by_the_leader_with_batched_renewal_and_failover_grace() {
+    use stacyvm_raft::rpc::LeaseError;
+    use stacyvm_store::StoreError;
+    let ca = init();
+    let timing = RaftTiming::default();
+    let mut slots = cluster(&ca, 3, &timing).await;
+    let leader = wait_leader(&slots).await;
+    let f = (leader + 1) % 3;
+
+    // Grants go through any replica; a live lease refuses other holders.
+    let l1 = slots[f]
+        .r()
+        .acquire_lease("sb-1", "sandbox", "w1", 600)
+        .await
+        .expect("grant");
+    assert_eq!((l1.generation, l1.holder_id.as_str()), (1, "w1"));
+    match slots[leader]
+        .r()
+        .acquire_lease("sb-1", "sandbox", "w2", 600)
+        .await
+    {
+        Err(LeaseError::Store(StoreError::Conflict { reason, .. })) => {
+            assert!(reason.contains("w1"), "{reason}")
+        }
+        other => panic!("second holder: {other:?}"),
+    }
+    let l2 = slots[f]
+        .r()
+        .acquire_lease("sb-2", "sandbox", "w1", 600)
+        .await
+        .expect("grant 2");
+
+    // One call renews everything w1 holds; a stale generation is reported lost.
+    let out = slots[f]
+        .r()
+        .renew_leases(
+            "w1",
+            vec![
+                held("sb-1", 1),
+                held("sb-2", l2.generation),
+                held("sb-3", 1),
+            ],
+        )
+        .await
+        .expect("renew");
+    assert_eq!(
+        out.renewed,
+        vec![held("sb-1", 1), held("sb-2", l2.generation)]
+    );
+    assert_eq!(out.lost, vec![held("sb-3", 1)]);
+
+    // Renewal keeps sb-1 alive past its original TTL; sb-2, not renewed, expires.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let out = slots[f]
+            .r()
+            .renew_leases("w1", vec![held("sb-1", 1)])
+            .await
+            .expect("renew");
+        assert_eq!(out.renewed.len(), 1, "{out:?}");
+    }
+    assert!(
+        slots[f]
+            .r()
+            .acquire_lease("sb-1", "sandbox", "w2", 600)
+            .await
+            .is_err(),
+        "renewed lease is still held"
+    );
+    let taken = slots[f]
+        .r()
+        .acquire_lease("sb-2", "sandbox", "w2", 600)
+        .await
+        .expect("expired lease is taken over");
+    assert_eq!(
+        (taken.holder_id.as_str(), taken.generation),
+        ("w2", l2.generation + 1)
+    );
+    let out = slots[f]
+        .r()
+        .renew_leases("w1", vec![held("sb-2", l2.generation)])
+        .await
+        .expect("renew");
+    assert_eq!(out.lost.len(), 1, "the old holder learns it lost sb-2");
+
+    // Failover: the new leader honours leases for one full TTL after its election.
+    let long = slots[f]
+        .r()
+        .acquire_lease("sb-long", "sandbox", "w1", 2_000)
+        .await
+        .expect("grant");
+    slots[leader].stop().await;
+    let new_leader = wait_leader(&slots).await;
+    let elected = Instant::now();
+    let r = slots[new_leader].r();
+    assert!(
+        r.acquire_lease("sb-long", "sandbox", "w2", 2_000)
+            .await
+            .is_err(),
+        "no takeover right after election"
+    );
+    assert_eq!(
+        r.renew_leases("w1", vec![held("sb-long", long.generation)])
+            .await
+            .expect("renew")
+            .renewed
+            .len(),
+        1
+    );
+    // Now it is renewed under the new leader; stop renewing and wait it out.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let taken = r
+        .acquire_lease("sb-long", "sandbox", "w2", 2_000)
+        .await
+        .expect("takeover after TTL");
+    assert!(taken.generation > long.generation);
+    assert!(elected.elapsed() >= Duration::from_millis(2_000));
+    let released = r.release_lease("sb-long", "w2").await.expect("release");
+    assert_eq!(released.generation, taken.generation);
+    for s in &mut slots {
+        s.stop().await;
+    }
+}
