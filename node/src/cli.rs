@@ -30,9 +30,74 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a control-plane replica.
+    Serve(crate::serve::ServeArgs),
+    /// Inspect and change the cluster through any replica's API.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Make the cluster CA and node certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Operate on the system of record (migrate, status, backup, restore).
     #[command(subcommand)]
     Db(DbCommand),
+}
+
+/// Where client commands send their requests.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Any replica's API address.
+    #[arg(long, env = "STACYVM_SERVER", default_value = "http://127.0.0.1:7423")]
+    pub server: String,
+    /// Output format: table or json.
+    #[arg(long, default_value = "table")]
+    pub output: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// This replica's view: state, term, leader, applied index, members.
+    Status(ServerArgs),
+    /// Voters, learners and addresses, as the leader sees them.
+    Members(ServerArgs),
+    /// Remove a replica from the cluster (its ID is never reused).
+    Leave {
+        id: u64,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Hand leadership to another voter.
+    TransferLeader {
+        id: u64,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create the cluster CA (ca.pem, ca-key.pem) in OUT.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a certificate from the CA.
+    #[command(subcommand)]
+    Issue(IssueCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IssueCommand {
+    /// A replica certificate (SAN node-<ID>.stacyvm.internal).
+    Node {
+        #[arg(long)]
+        id: u64,
+        /// Directory holding ca.pem and ca-key.pem.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Which database a command opens.
@@ -168,8 +233,138 @@ impl From<BackupError> for CliError {
 /// Runs a parsed command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Command::Serve(args) => crate::serve::serve(args).await,
+        Command::Cluster(cmd) => run_cluster(cmd).await,
+        Command::Certs(cmd) => run_certs(cmd),
         Command::Db(cmd) => run_db(cmd).await,
     }
+}
+
+fn run_certs(cmd: CertsCommand) -> Result<(), CliError> {
+    use stacyvm_raft::certs;
+    let refuse = |e: certs::CertError| match e {
+        certs::CertError::AlreadyExists { .. } => CliError::Refused(e.to_string()),
+        other => CliError::Failed(other.to_string()),
+    };
+    match cmd {
+        CertsCommand::Init { out } => {
+            certs::init_ca(&out).map_err(refuse)?;
+            println!(
+                "cluster CA written to {} (keep ca-key.pem secret)",
+                out.display()
+            );
+        }
+        CertsCommand::Issue(IssueCommand::Node { id, ca, out }) => {
+            if id == 0 {
+                return Err(CliError::Usage("--id must be at least 1".into()));
+            }
+            certs::issue_node(&ca, id, &out).map_err(refuse)?;
+            println!("node {id} certificate written to {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+async fn api_call(
+    server: &ServerArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, CliError> {
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let base = server.server.trim_end_matches('/');
+    let base = if base.starts_with("http://") || base.starts_with("https://") {
+        base.to_owned()
+    } else {
+        format!("http://{base}")
+    };
+    let mut req = http.request(method, format!("{base}{path}"));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| CliError::Failed(format!("cannot reach {base}: {e}")))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| {
+                Some(format!(
+                    "{}: {}",
+                    v.get("code")?.as_str()?,
+                    v.get("message")?.as_str()?
+                ))
+            })
+            .unwrap_or(text);
+        return Err(if status.is_client_error() {
+            CliError::Refused(msg)
+        } else {
+            CliError::Failed(msg)
+        });
+    }
+    if text.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_str(&text)
+        .map_err(|e| CliError::Failed(format!("bad answer from {base}: {e}")))
+}
+
+fn print_value(server: &ServerArgs, v: &serde_json::Value) {
+    if server.output == "json" {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    if let Some(obj) = v.as_object() {
+        for (k, val) in obj {
+            let shown = match val {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("{k:<20} {shown}");
+        }
+    }
+}
+
+async fn run_cluster(cmd: ClusterCommand) -> Result<(), CliError> {
+    use reqwest::Method;
+    match cmd {
+        ClusterCommand::Status(s) => {
+            let v = api_call(&s, Method::GET, "/api/v1/cluster/status", None).await?;
+            print_value(&s, &v);
+        }
+        ClusterCommand::Members(s) => {
+            let v = api_call(&s, Method::GET, "/api/v1/cluster/members", None).await?;
+            print_value(&s, &v);
+        }
+        ClusterCommand::Leave { id, server } => {
+            api_call(
+                &server,
+                Method::POST,
+                "/api/v1/cluster/leave",
+                Some(serde_json::json!({ "id": id })),
+            )
+            .await?;
+            println!("node {id} removed from the cluster");
+        }
+        ClusterCommand::TransferLeader { id, server } => {
+            let body = Some(serde_json::json!({ "id": id }));
+            api_call(
+                &server,
+                Method::POST,
+                "/api/v1/cluster/transfer-leader",
+                body,
+            )
+            .await?;
+            println!("node {id} is now the leader");
+        }
+    }
+    Ok(())
 }
 
 async fn run_db(cmd: DbCommand) -> Result<(), CliError> {

@@ -1,9 +1,16 @@
 //! `stacyvm-node`: the StacyVM control plane and the `stacyvm` binary.
 //!
-//! Today it holds the operator commands over the system of record
-//! (`stacyvm db migrate|status|backup|restore`). The control plane (API,
-//! scheduler, reconciler, Raft membership) arrives with the cluster issues.
-//! It owns command-line parsing and the mapping of errors to exit codes
-//! ([`cli::ExitCode`]); it does not know SQL (that is `stacyvm-store`).
+//! - [`serve`]: `stacyvm serve`, one control-plane replica (store + Raft
+//!   replica + HTTP API);
+//! - [`api`]: the HTTP API every replica serves, errors mapped once;
+//! - [`identity`]: the data directory's cluster and node identity;
+//! - [`cli`]: command-line parsing, client commands, and the mapping of
+//!   errors to exit codes ([`cli::ExitCode`]).
+//!
+//! It does not know SQL (that is `stacyvm-store`) or openraft and QUIC (that
+//! is `stacyvm-raft`).
 
+pub mod api;
 pub mod cli;
+pub mod identity;
+pub mod serve;

@@ -536,6 +536,47 @@ impl Replica {
         }
     }
 
+    /// Makes voter `to` the leader: it is asked to start an election (it wins
+    /// if its log is current), then this waits (bounded) for the change.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), WriteError> {
+        let members = self.members().await?;
+        if !members.voters.contains(&to) {
+            return Err(WriteError::Refused(format!("node {to} is not a voter")));
+        }
+        if members.leader == Some(to) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.timing.leader_wait;
+        let reply = if to == self.id {
+            self.handler
+                .dispatch(RpcRequest::TransferLeader { to })
+                .await
+        } else {
+            let node = members.nodes.get(&to).cloned().unwrap_or_default();
+            call(
+                &self.client,
+                to,
+                &node.raft_addr,
+                &RpcRequest::TransferLeader { to },
+                self.timing.leader_wait,
+            )
+            .await
+            .map_err(|e| WriteError::Refused(format!("node {to} unreachable: {e}")))?
+        };
+        match reply {
+            RpcReply::Membership(Ok(())) => {}
+            RpcReply::Membership(Err(e)) => return Err(e),
+            other => return Err(WriteError::Fatal(format!("unexpected reply {other:?}"))),
+        }
+        while Instant::now() < deadline {
+            if self.leader().map(|l| l.0) == Some(to) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(WriteError::Timeout)
+    }
+
     /// The membership as the leader sees it.
     pub async fn members(&self) -> Result<Members, WriteError> {
         match self.to_leader(RpcRequest::Members).await? {

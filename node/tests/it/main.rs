@@ -1,3 +1,4 @@
 //! Integration tests for the `stacyvm` binary (one test binary; see modules).
 
+mod cluster_process;
 mod db;

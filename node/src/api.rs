@@ -1,0 +1,475 @@
+//! The HTTP API every replica serves (axum): health probes, cluster
+//! operations, lease arbitration, and tenant records.
+//!
+//! Any replica answers any call. Writes go through the Raft leader (the
+//! replica forwards them over QUIC); reads are linearizable by default (a
+//! read-index barrier, then the local store) and `?consistency=stale` reads the
+//! local store directly. Every response carries the leader's API address in
+//! `X-StacyVM-Leader` and a request ID in `X-Request-ID`. Errors are
+//! `{code, message, request_id}`, mapped once in [`ApiError`]. With no leader a
+//! request waits a bounded time and then answers 503 `NO_LEADER` with
+//! `Retry-After`.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use stacyvm_raft::codec::Command;
+use stacyvm_raft::leases::{HeldLease, RenewOutcome};
+use stacyvm_raft::replica::Replica;
+use stacyvm_raft::rpc::{LeaseError, WriteError};
+use stacyvm_raft::types::{NodeInfo, Response as RaftResponse};
+use stacyvm_store::{Mutation, StoreError, Tenant, Ts};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Header naming the leader's API address.
+pub const LEADER_HEADER: &str = "x-stacyvm-leader";
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub replica: Arc<Replica>,
+    pub cluster_id: String,
+    pub node_id: u64,
+    pub started: std::time::Instant,
+}
+
+/// An API failure: a stable code, an HTTP status, a message for humans.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let request_id = REQUEST_ID.try_with(Clone::clone).unwrap_or_default();
+        let body = json!({ "code": self.code, "message": self.message, "request_id": request_id });
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.code == "NO_LEADER" {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::NoLeader => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NO_LEADER", e.to_string())
+            }
+            WriteError::Timeout => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "TIMEOUT", e.to_string())
+            }
+            WriteError::Refused(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
+            WriteError::Fatal(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", m)
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let msg = e.to_string();
+        match e {
+            StoreError::NotFound { .. } => ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", msg),
+            StoreError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "CONFLICT", msg),
+            StoreError::Invalid(_) => ApiError::bad_request(msg),
+            StoreError::Unavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", msg)
+            }
+        }
+    }
+}
+
+impl From<LeaseError> for ApiError {
+    fn from(e: LeaseError) -> Self {
+        match e {
+            LeaseError::Store(s) => s.into(),
+            LeaseError::Write(w) => w.into(),
+        }
+    }
+}
+
+/// `Json` whose rejections (bad JSON, unknown fields, wrong content type,
+/// oversized body) answer in the API's error format.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rej) => Err(ApiError::new(rej.status(), "BAD_REQUEST", rej.body_text())),
+        }
+    }
+}
+
+/// `?consistency=linearizable|stale` on reads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    #[serde(default)]
+    consistency: Option<String>,
+}
+
+impl AppState {
+    /// Makes the local store current enough for the requested consistency.
+    async fn before_read(&self, q: &ReadQuery) -> Result<(), ApiError> {
+        match q.consistency.as_deref() {
+            None | Some("linearizable") => Ok(self.replica.read_barrier().await?),
+            Some("stale") => Ok(()),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "unknown consistency {other:?}; use \"linearizable\" (default) or \"stale\""
+            ))),
+        }
+    }
+
+    /// Replicates one mutation and returns its outcome.
+    async fn write_one(&self, m: Mutation) -> Result<stacyvm_store::MutationOutput, ApiError> {
+        match self.replica.write(Command::Store(vec![m])).await? {
+            RaftResponse::Applied(mut r) if r.len() == 1 => Ok(r.remove(0)?),
+            other => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL_ERROR",
+                format!("unexpected apply result {other:?}"),
+            )),
+        }
+    }
+}
+
+/// Sets the request ID and the leader hint on every response.
+async fn envelope(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("req-{:016x}", rand::random::<u64>()));
+    let mut resp = REQUEST_ID.scope(request_id.clone(), next.run(req)).await;
+    let headers = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", v);
+    }
+    if let Some((_, node)) = state.replica.leader()
+        && let Ok(v) = HeaderValue::from_str(&node.api_addr)
+    {
+        headers.insert(LEADER_HEADER, v);
+    }
+    resp
+}
+
+/// The router for one replica.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .route("/api/v1/cluster/status", get(cluster_status))
+        .route("/api/v1/cluster/members", get(cluster_members))
+        .route("/api/v1/cluster/join", post(cluster_join))
+        .route("/api/v1/cluster/leave", post(cluster_leave))
+        .route("/api/v1/cluster/transfer-leader", post(cluster_transfer))
+        .route("/api/v1/leases/acquire", post(lease_acquire))
+        .route("/api/v1/leases/renew", post(lease_renew))
+        .route("/api/v1/leases/release", post(lease_release))
+        .route("/api/v1/leases/{id}", get(lease_get))
+        .route("/api/v1/admin/tenants", post(tenant_create))
+        .route("/api/v1/admin/tenants/{id}", get(tenant_get))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), envelope))
+        .with_state(state)
+}
+
+async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "node_id": s.node_id,
+        "uptime_seconds": s.started.elapsed().as_secs(),
+    }))
+}
+
+async fn live() -> Json<serde_json::Value> {
+    Json(json!({ "status": "alive" }))
+}
+
+async fn ready(State(s): State<AppState>) -> Response {
+    let leader = s.replica.leader().map(|(id, _)| id);
+    let store =
+        tokio::time::timeout(std::time::Duration::from_secs(2), s.replica.store().ping()).await;
+    let store_ok = matches!(store, Ok(Ok(())));
+    let ready = leader.is_some() && store_ok;
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "leader_id": leader,
+        "store": if store_ok { "ok" } else { "unavailable" },
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// `GET /api/v1/cluster/status`: this replica's own view (no leader round trip).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_id: String,
+    pub node_id: u64,
+    pub state: String,
+    pub term: u64,
+    pub leader_id: Option<u64>,
+    pub leader_api: Option<String>,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+async fn cluster_status(State(s): State<AppState>) -> Json<ClusterStatus> {
+    let m = s.replica.raft().metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    Json(ClusterStatus {
+        cluster_id: s.cluster_id.clone(),
+        node_id: s.node_id,
+        state: format!("{:?}", m.state).to_lowercase(),
+        term: m.current_term,
+        leader_id: m.current_leader,
+        leader_api: s.replica.leader().map(|(_, n)| n.api_addr),
+        last_log_index: m.last_log_index,
+        last_applied_index: m.last_applied.map(|l| l.index),
+        voters: membership.voter_ids().collect(),
+        learners: membership.learner_ids().collect(),
+    })
+}
+
+async fn cluster_members(
+    State(s): State<AppState>,
+) -> Result<Json<stacyvm_raft::rpc::Members>, ApiError> {
+    Ok(Json(s.replica.members().await?))
+}
+
+/// `POST /api/v1/cluster/join`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub id: u64,
+    pub raft_addr: String,
+    pub api_addr: String,
+}
+
+/// The answer to a join: which cluster was joined.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub cluster_id: String,
+}
+
+async fn cluster_join(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<JoinRequest>,
+) -> Result<Json<JoinResponse>, ApiError> {
+    if req.id == 0 {
+        return Err(ApiError::bad_request("node id must be at least 1"));
+    }
+    let members = s.replica.members().await?;
+    if members.voters.contains(&req.id) {
+        // Re-joining under one's own ID (e.g. after a crash mid-join) is fine only
+        // from the same address; anything else is an ID clash.
+        let same = members
+            .nodes
+            .get(&req.id)
+            .is_some_and(|n| n.raft_addr == req.raft_addr);
+        if !same {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "CONFLICT",
+                format!("node id {} is already a member at another address", req.id),
+            ));
+        }
+    }
+    let node = NodeInfo {
+        raft_addr: req.raft_addr,
+        api_addr: req.api_addr,
+    };
+    s.replica.join(req.id, node).await?;
+    Ok(Json(JoinResponse {
+        cluster_id: s.cluster_id.clone(),
+    }))
+}
+
+/// `POST /api/v1/cluster/leave` and `transfer-leader`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRef {
+    pub id: u64,
+}
+
+async fn cluster_leave(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<NodeRef>,
+) -> Result<StatusCode, ApiError> {
+    s.replica.leave(req.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn cluster_transfer(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<NodeRef>,
+) -> Result<StatusCode, ApiError> {
+    s.replica.transfer_leader(req.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/v1/leases/acquire`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireRequest {
+    pub resource_id: String,
+    #[serde(default)]
+    pub resource_type: String,
+    pub holder_id: String,
+    pub ttl_ms: i64,
+}
+
+async fn lease_acquire(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<AcquireRequest>,
+) -> Result<Json<stacyvm_store::Lease>, ApiError> {
+    let l = s
+        .replica
+        .acquire_lease(
+            &req.resource_id,
+            &req.resource_type,
+            &req.holder_id,
+            req.ttl_ms,
+        )
+        .await?;
+    Ok(Json(l))
+}
+
+/// `POST /api/v1/leases/renew`: every lease a holder claims, in one call.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub holder_id: String,
+    pub leases: Vec<HeldLease>,
+}
+
+async fn lease_renew(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<RenewRequest>,
+) -> Result<Json<RenewOutcome>, ApiError> {
+    if req.leases.len() > 10_000 {
+        return Err(ApiError::bad_request("at most 10000 leases per renewal"));
+    }
+    Ok(Json(
+        s.replica.renew_leases(&req.holder_id, req.leases).await?,
+    ))
+}
+
+/// `POST /api/v1/leases/release`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    pub resource_id: String,
+    pub holder_id: String,
+}
+
+async fn lease_release(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<ReleaseRequest>,
+) -> Result<StatusCode, ApiError> {
+    s.replica
+        .release_lease(&req.resource_id, &req.holder_id)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn lease_get(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> Result<Json<stacyvm_store::Lease>, ApiError> {
+    s.before_read(&q).await?;
+    Ok(Json(s.replica.store().get_lease(&id).await?))
+}
+
+/// `POST /api/v1/admin/tenants`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantRequest {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub owner_id: String,
+}
+
+async fn tenant_create(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<TenantRequest>,
+) -> Result<(StatusCode, HeaderMap, Json<Tenant>), ApiError> {
+    // The receiving replica chooses every non-deterministic input.
+    let now = Ts::now();
+    let tenant = Tenant {
+        id: req
+            .id
+            .unwrap_or_else(|| format!("tenant-{:08x}", rand::random::<u32>())),
+        name: req.name,
+        owner_id: req.owner_id,
+        settings: "{}".into(),
+        created_at: now,
+        updated_at: now,
+    };
+    s.write_one(Mutation::CreateTenant(tenant.clone())).await?;
+    Ok((StatusCode::CREATED, HeaderMap::new(), Json(tenant)))
+}
+
+async fn tenant_get(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> Result<Json<Tenant>, ApiError> {
+    s.before_read(&q).await?;
+    Ok(Json(s.replica.store().get_tenant(&id).await?))
+}

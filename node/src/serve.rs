@@ -1,0 +1,309 @@
+//! `stacyvm serve`: one control-plane replica. Opens the store, loads the
+//! node's TLS material, starts its Raft replica, bootstraps or joins a cluster
+//! (or resumes the one its data directory belongs to), then serves the HTTP
+//! API until SIGINT/SIGTERM.
+//!
+//! With no flags it creates a one-replica cluster in `./stacyvm-data`,
+//! generating a cluster CA and node certificate there if none are given.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use sha2::{Digest, Sha256};
+use stacyvm_raft::certs::{self, CertPaths, NodeTls};
+use stacyvm_raft::replica::{RaftTiming, Replica, ReplicaConfig};
+use stacyvm_raft::types::NodeInfo;
+use stacyvm_store::{StoreConfig, StoreDriver};
+
+use crate::api::{AppState, JoinRequest, JoinResponse};
+use crate::cli::CliError;
+use crate::identity::{self, Identity, StartPlan};
+
+/// Flags of `stacyvm serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// This replica's node ID (never reuse the ID of a removed replica).
+    #[arg(long, env = "STACYVM_NODE_ID", default_value_t = 1)]
+    pub id: u64,
+    /// Data directory: identity, Raft log, SQLite database, generated certificates.
+    #[arg(long, env = "STACYVM_DATA_DIR", default_value = "stacyvm-data")]
+    pub data_dir: PathBuf,
+    /// QUIC address for Raft traffic (bound and advertised).
+    #[arg(long, env = "STACYVM_RAFT_ADDR", default_value = "127.0.0.1:7000")]
+    pub raft_addr: SocketAddr,
+    /// HTTP API address (bound and advertised).
+    #[arg(long, env = "STACYVM_API_ADDR", default_value = "127.0.0.1:7423")]
+    pub api_addr: SocketAddr,
+    /// Directory with ca.pem, node-<id>.pem and node-<id>-key.pem
+    /// (default: <data-dir>/certs, generated for a one-replica bootstrap).
+    #[arg(long, env = "STACYVM_CERTS_DIR")]
+    pub certs: Option<PathBuf>,
+    /// Create a new cluster (the default when --join is not given).
+    #[arg(long)]
+    pub bootstrap: bool,
+    /// Other initial members for --bootstrap, as ID=RAFT_ADDR=API_ADDR (repeatable).
+    #[arg(long = "peer", value_name = "ID=RAFT_ADDR=API_ADDR")]
+    pub peers: Vec<String>,
+    /// Join the cluster through any member's API address (HOST:PORT).
+    #[arg(long, env = "STACYVM_JOIN", conflicts_with = "bootstrap")]
+    pub join: Option<String>,
+    /// Database driver: sqlite or postgres.
+    #[arg(long, env = "STACYVM_DATABASE_DRIVER", default_value = "sqlite")]
+    pub database_driver: String,
+    /// Postgres DSN (never printed).
+    #[arg(long, env = "STACYVM_DATABASE_DSN", hide_env_values = true)]
+    pub database_dsn: Option<String>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, env = "STACYVM_RAFT_HEARTBEAT_MS", default_value_t = 50)]
+    pub heartbeat_ms: u64,
+}
+
+fn parse_peer(spec: &str) -> Result<(u64, NodeInfo), CliError> {
+    let parts: Vec<&str> = spec.split('=').collect();
+    let bad = || CliError::Usage(format!("--peer {spec:?}: expected ID=RAFT_ADDR=API_ADDR"));
+    let [id, raft, api] = parts.as_slice() else {
+        return Err(bad());
+    };
+    let id: u64 = id.parse().map_err(|_| bad())?;
+    raft.parse::<SocketAddr>().map_err(|_| bad())?;
+    api.parse::<SocketAddr>().map_err(|_| bad())?;
+    Ok((
+        id,
+        NodeInfo {
+            raft_addr: (*raft).to_owned(),
+            api_addr: (*api).to_owned(),
+        },
+    ))
+}
+
+/// A cluster ID every member of a multi-node bootstrap derives identically.
+fn derived_cluster_id(members: &BTreeMap<u64, NodeInfo>) -> String {
+    let mut h = Sha256::new();
+    for (id, n) in members {
+        h.update(format!("{id}={}={};", n.raft_addr, n.api_addr));
+    }
+    format!("c-{}", &hex_prefix(&h.finalize()))
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn load_tls(args: &ServeArgs, may_generate: bool) -> Result<NodeTls, CliError> {
+    let dir = args
+        .certs
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("certs"));
+    let paths = CertPaths::node(&dir, &dir, args.id);
+    let missing = !paths.ca_cert.exists() && !paths.cert.exists();
+    if missing && may_generate && args.certs.is_none() {
+        certs::init_ca(&dir).map_err(|e| CliError::Failed(e.to_string()))?;
+        certs::issue_node(&dir, args.id, &dir).map_err(|e| CliError::Failed(e.to_string()))?;
+        eprintln!(
+            "generated a cluster CA and node {} certificate in {}",
+            args.id,
+            dir.display()
+        );
+    }
+    NodeTls::load_paths(&paths, args.id).map_err(|e| {
+        CliError::Usage(format!(
+            "{e}\n  fix: create them with `stacyvm certs init --out {d}` and \
+             `stacyvm certs issue node --id {id} --ca {d} --out {d}`, or pass --certs DIR",
+            d = dir.display(),
+            id = args.id
+        ))
+    })
+}
+
+fn store_config(args: &ServeArgs) -> Result<StoreConfig, CliError> {
+    let driver: StoreDriver = args
+        .database_driver
+        .parse()
+        .map_err(|e| CliError::Usage(format!("{e}")))?;
+    let cfg = StoreConfig {
+        driver,
+        path: Some(args.data_dir.join("stacyvm.db")),
+        dsn: args.database_dsn.clone(),
+        max_connections: None,
+    };
+    cfg.validate().map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Asks a member to add this node, retrying while the member starts.
+async fn join_via(member: &str, req: &JoinRequest) -> Result<JoinResponse, CliError> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let url = format!("http://{member}/api/v1/cluster/join");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let attempt = http.post(&url).json(req).send().await;
+        match attempt {
+            Ok(resp) if resp.status().is_success() => {
+                return resp
+                    .json()
+                    .await
+                    .map_err(|e| CliError::Failed(format!("bad join answer: {e}")));
+            }
+            Ok(resp) if resp.status().is_client_error() => {
+                let body = resp.text().await.unwrap_or_default();
+                return Err(CliError::Refused(format!(
+                    "the cluster refused the join: {body}"
+                )));
+            }
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Ok(resp) => {
+                return Err(CliError::Failed(format!(
+                    "join failed: HTTP {}",
+                    resp.status()
+                )));
+            }
+            Err(e) => return Err(CliError::Failed(format!("cannot reach {member}: {e}"))),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on SIGKILL.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+/// Runs a replica until it is told to stop.
+pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if args.id == 0 {
+        return Err(CliError::Usage("--id must be at least 1".into()));
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| CliError::Failed(format!("cannot create {}: {e}", args.data_dir.display())))?;
+    let found = identity::load(&args.data_dir).map_err(|e| CliError::Failed(e.to_string()))?;
+    let joining = args.join.is_some();
+    let plan = identity::check(found.as_ref(), args.id, !joining, joining)
+        .map_err(|e| CliError::Refused(e.to_string()))?;
+    let mut peers = BTreeMap::new();
+    for p in &args.peers {
+        let (id, node) = parse_peer(p)?;
+        peers.insert(id, node);
+    }
+    let tls = load_tls(&args, plan == StartPlan::Bootstrap && peers.is_empty())?;
+    let store = stacyvm_store::open(&store_config(&args)?).await?;
+    let me = NodeInfo {
+        raft_addr: args.raft_addr.to_string(),
+        api_addr: args.api_addr.to_string(),
+    };
+    let timing = RaftTiming {
+        heartbeat_ms: args.heartbeat_ms,
+        election_min_ms: args.heartbeat_ms * 5,
+        election_max_ms: args.heartbeat_ms * 10,
+        ..RaftTiming::default()
+    };
+    let replica = Replica::start(ReplicaConfig {
+        id: args.id,
+        bind: args.raft_addr,
+        advertise: me.clone(),
+        tls,
+        log_dir: args.data_dir.join("raft"),
+        store,
+        timing,
+    })
+    .await
+    .map_err(|e| CliError::Failed(e.to_string()))?;
+    let replica = Arc::new(replica);
+
+    let cluster_id = match plan {
+        StartPlan::Resume(id) => id.cluster_id,
+        StartPlan::Bootstrap => {
+            let mut members = peers.clone();
+            members.insert(args.id, me.clone());
+            let cluster_id = if peers.is_empty() {
+                identity::new_cluster_id()
+            } else {
+                derived_cluster_id(&members)
+            };
+            // A crash between initialising and saving the identity leaves an
+            // initialised log: initialising again is refused, which is fine.
+            if let Err(e) = replica.bootstrap(members).await {
+                tracing::warn!("bootstrap: {e} (already initialised?)");
+            }
+            identity::save(
+                &args.data_dir,
+                &Identity {
+                    cluster_id: cluster_id.clone(),
+                    node_id: args.id,
+                },
+            )
+            .map_err(|e| CliError::Failed(e.to_string()))?;
+            cluster_id
+        }
+        StartPlan::Join => String::new(),
+    };
+
+    let listener = tokio::net::TcpListener::bind(args.api_addr)
+        .await
+        .map_err(|e| CliError::Failed(format!("cannot listen on {}: {e}", args.api_addr)))?;
+    let state = AppState {
+        replica: replica.clone(),
+        cluster_id: cluster_id.clone(),
+        node_id: args.id,
+        started: Instant::now(),
+    };
+    let mut state = state;
+    if plan_is_join(&args) && cluster_id.is_empty() {
+        let member = args.join.clone().unwrap_or_default();
+        let req = JoinRequest {
+            id: args.id,
+            raft_addr: me.raft_addr.clone(),
+            api_addr: me.api_addr.clone(),
+        };
+        let joined = join_via(&member, &req).await?;
+        identity::check_joined(found.as_ref(), &joined.cluster_id)
+            .map_err(|e| CliError::Refused(e.to_string()))?;
+        identity::save(
+            &args.data_dir,
+            &Identity {
+                cluster_id: joined.cluster_id.clone(),
+                node_id: args.id,
+            },
+        )
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+        state.cluster_id = joined.cluster_id;
+    }
+    eprintln!(
+        "stacyvm node {} serving: api http://{} raft {} cluster {}",
+        args.id, args.api_addr, args.raft_addr, state.cluster_id
+    );
+    let app = crate::api::router(state);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    match Arc::try_unwrap(replica) {
+        Ok(r) => r.shutdown().await,
+        Err(r) => {
+            let _ = r.raft().shutdown().await;
+        }
+    }
+    served.map_err(|e| CliError::Failed(format!("HTTP server failed: {e}")))
+}
+
+fn plan_is_join(args: &ServeArgs) -> bool {
+    args.join.is_some()
+}
