@@ -149,8 +149,8 @@ impl Handler {
                     RaftError::Fatal(f) => fatal(f),
                 }))
             }
-            RpcRequest::Join { id, node } => RpcReply::Membership(join(raft, id, node).await),
-            RpcRequest::Leave { id } => RpcReply::Membership(leave(raft, id).await),
+            RpcRequest::Join { id, node } => RpcReply::Membership(self.join(id, node).await),
+            RpcRequest::Leave { id } => RpcReply::Membership(self.leave(id).await),
             RpcRequest::TransferLeader { to: _ } => {
                 // Sent to the new leader itself: it starts an election, which it
                 // wins because a voter is only asked once it has caught up.
@@ -174,6 +174,48 @@ impl Handler {
                 holder_id,
             } => RpcReply::Lease(self.lease_release(resource_id, holder_id).await),
         }
+    }
+
+    async fn join(&self, id: NodeId, node: NodeInfo) -> Result<(), WriteError> {
+        let raft = &self.raft;
+        // The leader's store is current once this returns.
+        raft.ensure_linearizable()
+            .await
+            .map_err(|_| WriteError::NoLeader)?;
+        let node_id = i64::try_from(id)
+            .map_err(|_| WriteError::Refused(format!("node id {id} is too large")))?;
+        if self.store.is_node_removed(node_id).await.map_err(fatal)? {
+            return Err(WriteError::Refused(format!(
+                "node id {id} was removed from this cluster and is never reused; pick a new id"
+            )));
+        }
+        // A learner first: it catches up (blocking until it has), then becomes a voter.
+        raft.add_learner(id, node, true)
+            .await
+            .map_err(map_write_err)?;
+        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map(|_| ())
+            .map_err(map_write_err)
+    }
+
+    async fn leave(&self, id: NodeId) -> Result<(), WriteError> {
+        let raft = &self.raft;
+        let node_id = i64::try_from(id)
+            .map_err(|_| WriteError::Refused(format!("node id {id} is too large")))?;
+        raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(map_write_err)?;
+        raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .await
+            .map_err(map_write_err)?;
+        let record = Mutation::RecordRemovedNode {
+            node_id,
+            at: Ts::now(),
+        };
+        local_write(raft, Command::Store(vec![record]))
+            .await
+            .map(|_| ())
     }
 
     /// Confirms leadership and that every committed entry is applied here,
@@ -313,27 +355,6 @@ async fn local_write(raft: &Raft, cmd: Command) -> Result<Response, WriteError> 
     raft.client_write(cmd)
         .await
         .map(|r| r.data)
-        .map_err(map_write_err)
-}
-
-async fn join(raft: &Raft, id: NodeId, node: NodeInfo) -> Result<(), WriteError> {
-    // A learner first: it catches up (blocking until it has), then becomes a voter.
-    raft.add_learner(id, node, true)
-        .await
-        .map_err(map_write_err)?;
-    raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-        .await
-        .map(|_| ())
-        .map_err(map_write_err)
-}
-
-async fn leave(raft: &Raft, id: NodeId) -> Result<(), WriteError> {
-    raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-        .await
-        .map_err(map_write_err)?;
-    raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-        .await
-        .map(|_| ())
         .map_err(map_write_err)
 }
 

@@ -233,6 +233,9 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     async fn is_token_revoked(&self, jti: &str) -> Result<bool, StoreError>;
     async fn list_revoked_tokens(&self) -> Result<Vec<RevokedToken>, StoreError>;
+
+    /// True when replica `node_id` was removed from the cluster.
+    async fn is_node_removed(&self, node_id: i64) -> Result<bool, StoreError>;
 }
 
 /// Typed shorthands over [`Store::execute`] for the common mutations.

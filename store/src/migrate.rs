@@ -50,6 +50,7 @@ pub const SQLITE: &[Migration] = embed!("sqlite":
     2 => "0002_workers_leases",
     3 => "0003_tenancy",
     4 => "0004_audit_identity_raft",
+    5 => "0005_cluster",
 );
 
 /// Postgres migrations, in order; the same versions as [`SQLITE`].
@@ -58,6 +59,7 @@ pub const POSTGRES: &[Migration] = embed!("postgres":
     2 => "0002_workers_leases",
     3 => "0003_tenancy",
     4 => "0004_audit_identity_raft",
+    5 => "0005_cluster",
 );
 
 /// Why migrating failed. Messages say what to do next and never carry a DSN.

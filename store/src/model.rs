@@ -629,4 +629,6 @@ pub struct StoreSnapshot {
     pub admin_audit: Vec<AdminAudit>,
     pub operation_audit: Vec<OperationAudit>,
     pub revoked_tokens: Vec<RevokedToken>,
+    /// `(node_id, removed_at)` of replicas that left the cluster.
+    pub removed_nodes: Vec<(i64, Ts)>,
 }

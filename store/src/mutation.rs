@@ -138,6 +138,13 @@ pub enum Mutation {
 
     /// Apply all of these or none: the first failure undoes the ones before it.
     Atomic(Vec<Mutation>),
+
+    /// Record that replica `node_id` left the cluster; the ID is never reused.
+    /// Idempotent.
+    RecordRemovedNode {
+        node_id: i64,
+        at: Ts,
+    },
 }
 
 /// What a successful mutation produced.
@@ -210,6 +217,10 @@ impl Mutation {
                 check_len("membership", membership, MAX_TEXT_LEN)
             }
             Mutation::Atomic(all) => all.iter().try_for_each(Mutation::validate),
+            Mutation::RecordRemovedNode { node_id, .. } if *node_id < 1 => Err(
+                StoreError::Invalid(format!("node id must be at least 1 (got {node_id})")),
+            ),
+            Mutation::RecordRemovedNode { .. } => Ok(()),
             Mutation::DeleteExecLogsBefore { .. }
             | Mutation::DeleteAdminAuditBefore { .. }
             | Mutation::DeleteOperationAuditBefore { .. }

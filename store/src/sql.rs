@@ -758,6 +758,15 @@ macro_rules! sql_store {
                     let q = sqlx::query("UPDATE raft_state SET membership = $1 WHERE id = 1").bind(membership);
                     exec_one(conn, q, "raft state", "1").await
                 }
+                Mutation::RecordRemovedNode { node_id, at } => {
+                    let q = sqlx::query(
+                        "INSERT INTO removed_nodes (node_id, removed_at) VALUES ($1, $2) \
+                         ON CONFLICT (node_id) DO NOTHING",
+                    )
+                    .bind(*node_id)
+                    .bind(*at);
+                    exec_count(conn, q, "removed node").await.map(|_| MutationOutput::Done)
+                }
                 Mutation::Atomic(all) => {
                     let mut outs = Vec::with_capacity(all.len());
                     for inner in all {
@@ -855,6 +864,10 @@ macro_rules! sql_store {
             Ok((r.try_get(0)?, r.try_get(1)?))
         }
 
+        fn removed_row(r: &DbRow) -> Result<(i64, Ts), sqlx::Error> {
+            Ok((r.try_get(0)?, r.try_get(1)?))
+        }
+
         async fn export_all(conn: &mut $conn) -> Result<StoreSnapshot, StoreError> {
             let raft = dump(conn, "applied_index, applied_log, membership", "raft_state", "id", raft_row)
                 .await?
@@ -882,6 +895,7 @@ macro_rules! sql_store {
                 admin_audit: dump(conn, ADMIN_AUDIT_COLS, "admin_audit", "id", admin_audit_row).await?,
                 operation_audit: dump(conn, OP_AUDIT_COLS, "operation_audit", "id", op_audit_row).await?,
                 revoked_tokens: dump(conn, REVOKED_COLS, "revoked_worker_tokens", "jti", revoked_row).await?,
+                removed_nodes: dump(conn, "node_id, removed_at", "removed_nodes", "node_id", removed_row).await?,
             })
         }
 
@@ -890,7 +904,7 @@ macro_rules! sql_store {
             for table in [
                 "exec_logs", "tenant_members", "policies", "sandboxes", "tenants", "leases",
                 "lease_generations", "workers", "owner_quotas", "templates", "admin_audit",
-                "operation_audit", "revoked_worker_tokens",
+                "operation_audit", "revoked_worker_tokens", "removed_nodes",
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}")))
                     .execute(&mut *conn)
@@ -910,6 +924,7 @@ macro_rules! sql_store {
             all.extend(snap.admin_audit.iter().cloned().map(Mutation::AppendAdminAudit));
             all.extend(snap.operation_audit.iter().cloned().map(Mutation::AppendOperationAudit));
             all.extend(snap.revoked_tokens.iter().cloned().map(Mutation::RevokeToken));
+            all.extend(snap.removed_nodes.iter().map(|(node_id, at)| Mutation::RecordRemovedNode { node_id: *node_id, at: *at }));
             for m in &all {
                 m.validate()?;
                 apply_one(conn, m, 0).await?;
@@ -1268,6 +1283,11 @@ macro_rules! sql_store {
             async fn is_token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
                 let q = sqlx::query("SELECT 1 FROM revoked_worker_tokens WHERE jti = $1").bind(jti);
                 Ok(!self.fetch_all(q, "revoked token").await?.is_empty())
+            }
+
+            async fn is_node_removed(&self, node_id: i64) -> Result<bool, StoreError> {
+                let q = sqlx::query("SELECT 1 FROM removed_nodes WHERE node_id = $1").bind(node_id);
+                Ok(!self.fetch_all(q, "removed node").await?.is_empty())
             }
 
             async fn list_revoked_tokens(&self) -> Result<Vec<RevokedToken>, StoreError> {

@@ -1245,6 +1245,22 @@ pub mod cases {
 
     pub async fn revoked_token_ids(db: TestDb) {
         let s = &*db.store;
+        // Removed replica IDs live beside revoked token IDs: both are never-again lists.
+        assert!(!s.is_node_removed(3).await.unwrap());
+        ok(s, Mutation::RecordRemovedNode { node_id: 3, at: T0 }).await;
+        ok(
+            s,
+            Mutation::RecordRemovedNode {
+                node_id: 3,
+                at: at(1),
+            },
+        )
+        .await;
+        assert!(s.is_node_removed(3).await.unwrap());
+        assert_invalid(
+            exec(s, Mutation::RecordRemovedNode { node_id: 0, at: T0 }).await,
+            "node id 0",
+        );
         let r = |jti: &str, exp_ms: i64| RevokedToken {
             jti: jti.into(),
             reason: "leaked".into(),

@@ -426,3 +426,34 @@ async fn leases_are_arbitrated_by_the_leader_with_batched_renewal_and_failover_g
         s.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_node_id_is_never_reused() {
+    let ca = init();
+    let timing = RaftTiming::default();
+    let mut slots = cluster(&ca, 3, &timing).await;
+    let leader = wait_leader(&slots).await;
+    let gone = (leader + 1) % 3;
+    let gone_id = slots[gone].id;
+    slots[leader].r().leave(gone_id).await.expect("leave");
+    let info = slots[gone].info();
+    slots[gone].stop().await;
+    match slots[leader].r().join(gone_id, info).await {
+        Err(stacyvm_raft::rpc::WriteError::Refused(why)) => {
+            assert!(why.contains("never reused"), "{why}")
+        }
+        other => panic!("re-joining a removed id: {other:?}"),
+    }
+    let survivor = (leader + 2) % 3;
+    assert!(
+        slots[survivor]
+            .r()
+            .store()
+            .is_node_removed(gone_id as i64)
+            .await
+            .expect("store")
+    );
+    for s in &mut slots {
+        s.stop().await;
+    }
+}
