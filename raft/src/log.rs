@@ -55,6 +55,9 @@ pub trait LogStore: Send + Sync {
 }
 
 const VOTE: &str = "vote";
+const INSTANCE: &str = "instance";
+/// Sidecar file naming the log instance; see [`SledLog::open`].
+pub const INSTANCE_FILE: &str = "STACYVM_LOG_INSTANCE";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 
@@ -68,7 +71,48 @@ pub struct SledLog {
 
 impl SledLog {
     /// Opens (creating) the log in `dir`.
+    ///
+    /// A random instance ID is kept both inside sled and in a sidecar file
+    /// beside it. sled may come back *empty* from damaged files instead of
+    /// failing; if the sidecar names an instance sled no longer has, the log
+    /// lost its contents and opening fails rather than serving an empty
+    /// history as if nothing had been acknowledged.
     pub fn open(dir: &Path) -> Result<Self, LogError> {
+        let log = Self::open_engine(dir)?;
+        log.check_instance(dir)?;
+        Ok(log)
+    }
+
+    fn check_instance(&self, dir: &Path) -> Result<(), LogError> {
+        let sidecar = dir.join(INSTANCE_FILE);
+        let stored = self
+            .meta
+            .get(INSTANCE)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        let on_disk = match std::fs::read_to_string(&sidecar) {
+            Ok(s) => Some(s.trim().to_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(LogError::Io(format!("{}: {e}", sidecar.display()))),
+        };
+        match (on_disk, stored) {
+            (Some(file), Some(db)) if file == db => Ok(()),
+            (Some(file), db) => Err(LogError::Corrupt(format!(
+                "the raft log in {} lost its contents (instance {file} expected, found {}); \
+                 this replica cannot be trusted: wipe its data directory and add it back under a new node id",
+                dir.display(),
+                db.as_deref().unwrap_or("none")
+            ))),
+            (None, Some(db)) => write_sidecar(&sidecar, &db),
+            (None, None) => {
+                let id = format!("{:016x}{:016x}", rand_u64(), rand_u64());
+                self.meta.insert(INSTANCE, id.as_bytes())?;
+                self.flush()?;
+                write_sidecar(&sidecar, &id)
+            }
+        }
+    }
+
+    fn open_engine(dir: &Path) -> Result<Self, LogError> {
         let db = sled::Config::new()
             .path(dir)
             // We flush explicitly on every write; no background flusher.
@@ -89,6 +133,27 @@ impl SledLog {
     pub fn size_on_disk(&self) -> Result<u64, LogError> {
         Ok(self.db.size_on_disk()?)
     }
+}
+
+fn write_sidecar(path: &Path, id: &str) -> Result<(), LogError> {
+    use std::io::Write;
+    let io = |e: std::io::Error| LogError::Io(format!("{}: {e}", path.display()));
+    let mut f = std::fs::File::create(path).map_err(io)?;
+    f.write_all(id.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// A random value without pulling a RNG crate into this module: the std
+/// hasher is randomly keyed per process.
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 fn key(index: u64) -> [u8; 8] {

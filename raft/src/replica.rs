@@ -397,7 +397,7 @@ impl Replica {
             cfg.id,
             Arc::new(config),
             QuicNetwork::new(client.clone()),
-            RaftLogStore::new(log),
+            RaftLogStore::open_checked(log, applied_raft_index(&cfg.store).await?)?,
             StoreStateMachine::new(cfg.store.clone()),
         )
         .await
@@ -672,6 +672,20 @@ impl Replica {
             server.shutdown().await;
         }
     }
+}
+
+/// The raft index the store has applied (its bookkeeping row), if any.
+async fn applied_raft_index(store: &Arc<dyn Store>) -> Result<Option<u64>, StartError> {
+    let state = store
+        .raft_state()
+        .await
+        .map_err(|e| StartError::Raft(format!("cannot read the store: {e}")))?;
+    if state.applied_log.is_empty() {
+        return Ok(None);
+    }
+    let id: LogId = serde_json::from_str(&state.applied_log)
+        .map_err(|e| StartError::Raft(format!("the store's applied log id is unreadable: {e}")))?;
+    Ok(Some(id.index))
 }
 
 /// Requests are not `Clone` (openraft's are not); the local path re-encodes.
