@@ -156,9 +156,15 @@ impl RaftStateMachine<TypeConfig> for StoreStateMachine {
             ));
             return Err(StorageIOError::read_snapshot(Some(meta.signature()), &e).into());
         }
-        self.store.install_snapshot(&snap).await.map_err(|e| {
-            StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e))
-        })?;
+        // With several replicas sharing one database, another replica may have
+        // applied past this snapshot already: replacing the tables would move
+        // the shared record backwards. The tables already reflect it; keep them.
+        let current = self.store.raft_state().await.map_err(sm_read_err)?;
+        if current.applied_index < snap.raft.applied_index {
+            self.store.install_snapshot(&snap).await.map_err(|e| {
+                StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e))
+            })?;
+        }
         self.set_current(CurrentSnapshot {
             meta: meta.clone(),
             data,
