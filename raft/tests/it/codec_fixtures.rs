@@ -59,7 +59,7 @@ fn v1_command() -> Command {
 fn version_1_fixture_still_decodes() {
     let path = fixture_path();
     if std::env::var("STACYVM_WRITE_FIXTURES").is_ok_and(|v| v == "1") {
-        std::fs::write(&path, codec::encode(&v1_command())).expect("write fixture");
+        std::fs::write(&path, codec::encode(&v1_command()).expect("encode")).expect("write fixture");
     }
     let bytes = std::fs::read(&path).expect("fixture present");
     assert_eq!(bytes[0], 1, "fixture is version 1");
@@ -69,7 +69,7 @@ fn version_1_fixture_still_decodes() {
 #[test]
 fn round_trip_and_refusals() {
     let cmd = v1_command();
-    let bytes = codec::encode(&cmd);
+    let bytes = codec::encode(&cmd).expect("encode");
     assert_eq!(bytes[0], codec::CURRENT_VERSION);
     assert_eq!(codec::decode(&bytes).expect("round trip"), cmd);
     assert_eq!(codec::decode(&[]), Err(DecodeError::Empty));
