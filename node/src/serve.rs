@@ -57,9 +57,16 @@ pub struct ServeArgs {
     /// Postgres DSN (never printed).
     #[arg(long, env = "STACYVM_DATABASE_DSN", hide_env_values = true)]
     pub database_dsn: Option<String>,
-    /// Raft heartbeat interval in milliseconds.
+    /// Raft heartbeat interval in milliseconds; the election timeout is 5–10
+    /// heartbeats. openraft 0.9 also uses the heartbeat interval as the
+    /// timeout of each replication RPC, so it cannot be made much shorter
+    /// than a large append takes (see ARCHITECTURE.md, "Raft timing").
     #[arg(long, env = "STACYVM_RAFT_HEARTBEAT_MS", default_value_t = 50)]
     pub heartbeat_ms: u64,
+    /// Several replicas share this Postgres database (each Raft entry is
+    /// applied once, by whichever replica gets there first).
+    #[arg(long, env = "STACYVM_DATABASE_SHARED")]
+    pub shared_database: bool,
 }
 
 fn parse_peer(spec: &str) -> Result<(u64, NodeInfo), CliError> {
@@ -205,6 +212,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         peers.insert(id, node);
     }
     let tls = load_tls(&args, plan == StartPlan::Bootstrap && peers.is_empty())?;
+    if args.shared_database && args.database_driver != "postgres" {
+        return Err(CliError::Usage(
+            "--shared-database needs --database-driver postgres".into(),
+        ));
+    }
     let store = stacyvm_store::open(&store_config(&args)?).await?;
     let me = NodeInfo {
         raft_addr: args.raft_addr.to_string(),
@@ -223,6 +235,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         tls,
         log_dir: args.data_dir.join("raft"),
         store,
+        shared_store: args.shared_database,
         timing,
     })
     .await

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -40,6 +41,11 @@ pub struct PeerClient {
     node: NodeInfo,
 }
 
+/// Largest append-entries message sent in one RPC when it holds more than
+/// one entry: openraft times each append out after one heartbeat interval, so
+/// big batches are split (openraft retries with fewer entries).
+pub const APPEND_BUDGET: usize = 1024 * 1024;
+
 /// Sends `req` to `target` and decodes the reply (shared with forwarding).
 pub async fn call(
     client: &RpcClient,
@@ -48,11 +54,22 @@ pub async fn call(
     req: &RpcRequest,
     timeout: Duration,
 ) -> Result<RpcReply, TransportError> {
+    let bytes = encode_value(req).map_err(|e| TransportError::Io(e.to_string()))?;
+    call_encoded(client, target, addr, &bytes, timeout).await
+}
+
+/// [`call`] with the request already encoded.
+pub async fn call_encoded(
+    client: &RpcClient,
+    target: NodeId,
+    addr: &str,
+    bytes: &[u8],
+    timeout: Duration,
+) -> Result<RpcReply, TransportError> {
     let addr: SocketAddr = addr.parse().map_err(|e| {
         TransportError::Connect(format!("bad raft address {addr:?} of node {target}: {e}"))
     })?;
-    let bytes = encode_value(req).map_err(|e| TransportError::Io(e.to_string()))?;
-    let reply = client.call(target, addr, &bytes, timeout).await?;
+    let reply = client.call(target, addr, bytes, timeout).await?;
     decode_value(&reply)
         .map_err(|e| TransportError::Io(format!("undecodable reply from node {target}: {e}")))
 }
@@ -63,15 +80,17 @@ impl PeerClient {
         req: RpcRequest,
         option: &RPCOption,
     ) -> Result<RpcReply, RPCError<NodeId, NodeInfo, E>> {
-        match call(
-            &self.client,
-            self.target,
-            &self.node.raft_addr,
-            &req,
-            option.hard_ttl(),
-        )
-        .await
-        {
+        let bytes = encode_value(&req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.rpc_encoded(&bytes, option).await
+    }
+
+    async fn rpc_encoded<E: std::error::Error>(
+        &self,
+        bytes: &[u8],
+        option: &RPCOption,
+    ) -> Result<RpcReply, RPCError<NodeId, NodeInfo, E>> {
+        let addr = &self.node.raft_addr;
+        match call_encoded(&self.client, self.target, addr, bytes, option.hard_ttl()).await {
             Ok(RpcReply::BadRequest(why)) => Err(RPCError::Network(NetworkError::new(
                 &std::io::Error::other(why),
             ))),
@@ -113,7 +132,17 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
-        match self.rpc(RpcRequest::AppendEntries(rpc), &option).await? {
+        let entries = rpc.entries.len() as u64;
+        let bytes = encode_value(&RpcRequest::AppendEntries(rpc))
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if bytes.len() > APPEND_BUDGET && entries > 1 {
+            // Ask openraft to resend fewer entries, in proportion to the overshoot.
+            let hint = (entries * APPEND_BUDGET as u64 / bytes.len() as u64).clamp(1, entries - 1);
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
+        }
+        match self.rpc_encoded(&bytes, &option).await? {
             RpcReply::AppendEntries(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }

@@ -48,6 +48,15 @@ pub struct RaftTiming {
     pub leader_wait: Duration,
 }
 
+impl RaftTiming {
+    /// Longest a single forwarded request may take before its fate is
+    /// reported as unknown (a few election timeouts, at least one second; a
+    /// leader transfer needs a lease plus an election).
+    pub fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis((self.election_max_ms * 6 + 500).max(1_000))
+    }
+}
+
 impl Default for RaftTiming {
     fn default() -> Self {
         RaftTiming {
@@ -74,8 +83,14 @@ pub struct ReplicaConfig {
     pub log_dir: PathBuf,
     /// This replica's store (its state machine).
     pub store: Arc<dyn Store>,
+    /// The store is one Postgres database shared by several replicas: it may
+    /// be ahead of this replica's own log, which is then not a sign of damage.
+    pub shared_store: bool,
     pub timing: RaftTiming,
 }
+
+/// How long a join may take (learner catch-up, snapshot included).
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Why a replica could not start.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +131,8 @@ struct Handler {
     raft: Raft,
     store: Arc<dyn Store>,
     leases: Arc<Mutex<Option<LeaseTable>>>,
+    client: Arc<RpcClient>,
+    timing: RaftTiming,
 }
 
 #[async_trait]
@@ -151,11 +168,8 @@ impl Handler {
             }
             RpcRequest::Join { id, node } => RpcReply::Membership(self.join(id, node).await),
             RpcRequest::Leave { id } => RpcReply::Membership(self.leave(id).await),
-            RpcRequest::TransferLeader { to: _ } => {
-                // Sent to the new leader itself: it starts an election, which it
-                // wins because a voter is only asked once it has caught up.
-                RpcReply::Membership(raft.trigger().elect().await.map_err(fatal))
-            }
+            RpcRequest::TransferLeader { to } => RpcReply::Membership(self.transfer(to).await),
+            RpcRequest::Elect => RpcReply::Membership(raft.trigger().elect().await.map_err(fatal)),
             RpcRequest::Members => RpcReply::Members(Ok(members_of(raft))),
             RpcRequest::LeaseAcquire {
                 resource_id,
@@ -174,6 +188,61 @@ impl Handler {
                 holder_id,
             } => RpcReply::Lease(self.lease_release(resource_id, holder_id).await),
         }
+    }
+
+    /// On the leader: hands leadership to voter `to`. openraft 0.9 has no
+    /// transfer call, and followers refuse votes while the leader's lease
+    /// holds, so the leader pauses its heartbeats for one lease, asks `to` to
+    /// stand for election (its log is current, so it wins), and resumes
+    /// heartbeats whatever happened.
+    async fn transfer(&self, to: NodeId) -> Result<(), WriteError> {
+        let raft = &self.raft;
+        let m = raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return Err(WriteError::NoLeader);
+        }
+        if m.current_leader == Some(to) {
+            return Ok(());
+        }
+        let membership = m.membership_config.membership();
+        if !membership.voter_ids().any(|v| v == to) {
+            return Err(WriteError::Refused(format!("node {to} is not a voter")));
+        }
+        let node = membership.get_node(&to).cloned().unwrap_or_default();
+        raft.runtime_config().heartbeat(false);
+        let result = async {
+            tokio::time::sleep(Duration::from_millis(
+                self.timing.election_max_ms + self.timing.heartbeat_ms,
+            ))
+            .await;
+            match call(
+                &self.client,
+                to,
+                &node.raft_addr,
+                &RpcRequest::Elect,
+                self.timing.leader_wait,
+            )
+            .await
+            {
+                Ok(RpcReply::Membership(r)) => r?,
+                Ok(other) => return Err(WriteError::Fatal(format!("unexpected reply {other:?}"))),
+                Err(e) => return Err(WriteError::Refused(format!("node {to} unreachable: {e}"))),
+            }
+            let deadline =
+                Instant::now() + Duration::from_millis(self.timing.election_max_ms * 4 + 500);
+            while Instant::now() < deadline {
+                if raft.metrics().borrow().current_leader == Some(to) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(WriteError::Refused(format!(
+                "node {to} did not win the election; try again"
+            )))
+        }
+        .await;
+        raft.runtime_config().heartbeat(true);
+        result
     }
 
     async fn join(&self, id: NodeId, node: NodeInfo) -> Result<(), WriteError> {
@@ -270,6 +339,7 @@ impl Handler {
             // The leader decided it has expired; make the log say so too.
             now = now.max(l.expires_at);
         }
+        let (resource_id_copy, holder_copy) = (resource_id.clone(), holder_id.clone());
         let req = stacyvm_store::AcquireLease {
             resource_id,
             resource_type,
@@ -289,6 +359,19 @@ impl Handler {
                     return Err(WriteError::Fatal(format!("acquire returned {other:?}")).into());
                 }
                 Err(e) => return Err(LeaseError::Store(e)),
+            },
+            // Another replica sharing the database applied the entry first;
+            // the store holds its outcome.
+            Response::AlreadyApplied => match self.current_lease(&resource_id_copy).await? {
+                Some(l) if l.holder_id == holder_copy => l,
+                Some(l) => {
+                    return Err(LeaseError::Store(StoreError::Conflict {
+                        entity: "lease".into(),
+                        id: resource_id_copy,
+                        reason: format!("held by {:?} (generation {})", l.holder_id, l.generation),
+                    }));
+                }
+                None => return Err(WriteError::Fatal("granted lease vanished".into()).into()),
             },
             other => return Err(WriteError::Fatal(format!("acquire returned {other:?}")).into()),
         };
@@ -328,6 +411,8 @@ impl Handler {
         };
         match local_write(&self.raft, Command::Store(vec![m])).await? {
             Response::Applied(mut r) if r.len() == 1 => r.remove(0).map_err(LeaseError::Store)?,
+            // Applied by another replica sharing the database: released.
+            Response::AlreadyApplied => stacyvm_store::MutationOutput::Done,
             other => return Err(WriteError::Fatal(format!("release returned {other:?}")).into()),
         };
         self.with_table(|t| t.forget(&resource_id));
@@ -384,6 +469,12 @@ impl Replica {
             // 1 MiB chunks, each with a generous timeout.
             snapshot_max_chunk_size: 1024 * 1024,
             install_snapshot_timeout: 10_000,
+            // A learner counts as caught up (and may be promoted) only within
+            // 100 entries of the leader, not openraft's default 5,000.
+            replication_lag_threshold: 100,
+            // Together with the byte budget in `network.rs`, keeps each
+            // append well inside the heartbeat-long RPC timeout.
+            max_payload_entries: 64,
             ..Default::default()
         }
         .validate()
@@ -397,7 +488,14 @@ impl Replica {
             cfg.id,
             Arc::new(config),
             QuicNetwork::new(client.clone()),
-            RaftLogStore::open_checked(log, applied_raft_index(&cfg.store).await?)?,
+            RaftLogStore::open_checked(
+                log,
+                if cfg.shared_store {
+                    None
+                } else {
+                    applied_raft_index(&cfg.store).await?
+                },
+            )?,
             StoreStateMachine::new(cfg.store.clone()),
         )
         .await
@@ -406,6 +504,8 @@ impl Replica {
             raft: raft.clone(),
             store: cfg.store.clone(),
             leases: Arc::new(Mutex::new(None)),
+            client: client.clone(),
+            timing: cfg.timing.clone(),
         };
         let server = serve(cfg.bind, &cfg.tls, Arc::new(handler.clone())).await?;
         Ok(Replica {
@@ -479,23 +579,52 @@ impl Replica {
 
     /// Sends `req` to the leader (this replica's handler if it leads).
     async fn to_leader(&self, req: RpcRequest) -> Result<RpcReply, WriteError> {
-        let deadline = Instant::now() + self.timing.leader_wait;
+        // A join waits for the learner to catch up, snapshot included.
+        let (total, attempt) = match req {
+            RpcRequest::Join { .. } => (JOIN_TIMEOUT, JOIN_TIMEOUT),
+            _ => (self.timing.leader_wait, self.timing.attempt_timeout()),
+        };
+        self.to_leader_within(req, total, attempt).await
+    }
+
+    async fn to_leader_within(
+        &self,
+        req: RpcRequest,
+        total: Duration,
+        attempt_limit: Duration,
+    ) -> Result<RpcReply, WriteError> {
+        use crate::transport::TransportError;
+        let deadline = Instant::now() + total;
+        // Reads, membership queries and renewals may be sent again; a write
+        // whose fate is unknown may not (it could apply twice), so it reports
+        // `Timeout` and leaves the retry to the caller.
+        let idempotent = matches!(
+            req,
+            RpcRequest::ReadIndex | RpcRequest::Members | RpcRequest::LeaseRenew { .. }
+        );
         loop {
             let (leader, node) = self.wait_leader(deadline).await?;
-            let reply = if leader == self.id {
-                self.handler.dispatch(req_clone(&req)?).await
+            // One attempt never outlives a leader change by much: a request
+            // sent to a leader that just died must not hold the caller for the
+            // whole wait.
+            let attempt = deadline
+                .saturating_duration_since(Instant::now())
+                .min(attempt_limit)
+                .max(Duration::from_millis(100));
+            let outcome = if leader == self.id {
+                let local = self.handler.dispatch(req_clone(&req)?);
+                tokio::time::timeout(attempt, local)
+                    .await
+                    .map_err(|_| TransportError::Timeout)
             } else {
-                let left = deadline
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(100));
-                match call(&self.client, leader, &node.raft_addr, &req, left).await {
-                    Ok(r) => r,
-                    Err(crate::transport::TransportError::Timeout) => {
-                        return Err(WriteError::Timeout);
-                    }
-                    // The leader we knew is gone: wait for the next one.
-                    Err(_) => RpcReply::Write(Err(WriteError::NoLeader)),
-                }
+                call(&self.client, leader, &node.raft_addr, &req, attempt).await
+            };
+            let reply = match outcome {
+                Ok(r) => r,
+                // Not sent at all: safe to try the next leader.
+                Err(TransportError::Connect(_)) => RpcReply::Write(Err(WriteError::NoLeader)),
+                Err(_) if idempotent => RpcReply::Write(Err(WriteError::NoLeader)),
+                Err(_) => return Err(WriteError::Timeout),
             };
             let lost_leader = matches!(
                 &reply,
@@ -511,7 +640,7 @@ impl Replica {
             if Instant::now() >= deadline {
                 return Err(WriteError::NoLeader);
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -557,43 +686,19 @@ impl Replica {
         }
     }
 
-    /// Makes voter `to` the leader: it is asked to start an election (it wins
-    /// if its log is current), then this waits (bounded) for the change.
+    /// Makes voter `to` the leader (see `Handler::transfer`), then waits
+    /// (bounded) until this replica sees the change.
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), WriteError> {
-        let members = self.members().await?;
-        if !members.voters.contains(&to) {
-            return Err(WriteError::Refused(format!("node {to} is not a voter")));
-        }
-        if members.leader == Some(to) {
-            return Ok(());
-        }
-        let deadline = Instant::now() + self.timing.leader_wait;
-        let reply = if to == self.id {
-            self.handler
-                .dispatch(RpcRequest::TransferLeader { to })
-                .await
-        } else {
-            let node = members.nodes.get(&to).cloned().unwrap_or_default();
-            call(
-                &self.client,
-                to,
-                &node.raft_addr,
-                &RpcRequest::TransferLeader { to },
-                self.timing.leader_wait,
-            )
-            .await
-            .map_err(|e| WriteError::Refused(format!("node {to} unreachable: {e}")))?
-        };
-        match reply {
-            RpcReply::Membership(Ok(())) => {}
-            RpcReply::Membership(Err(e)) => return Err(e),
+        match self.to_leader(RpcRequest::TransferLeader { to }).await? {
+            RpcReply::Membership(r) => r?,
             other => return Err(WriteError::Fatal(format!("unexpected reply {other:?}"))),
         }
+        let deadline = Instant::now() + self.timing.leader_wait;
         while Instant::now() < deadline {
             if self.leader().map(|l| l.0) == Some(to) {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Err(WriteError::Timeout)
     }

@@ -38,10 +38,12 @@ pub enum RpcRequest {
     Leave {
         id: NodeId,
     },
-    /// Hand leadership to another voter.
+    /// Hand leadership to another voter (sent to the leader).
     TransferLeader {
         to: NodeId,
     },
+    /// Start an election now (sent by the leader to the transfer target).
+    Elect,
     /// Who is in the cluster, as the leader sees it.
     Members,
     /// Grant a lease (decided by the leader's lease table, granted through the log).

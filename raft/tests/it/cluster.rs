@@ -58,6 +58,7 @@ impl Slot {
             tls: self.tls.clone(),
             log_dir: self.log_dir.path().to_path_buf(),
             store,
+            shared_store: false,
             timing: timing.clone(),
         })
         .await
@@ -453,6 +454,33 @@ async fn a_removed_node_id_is_never_reused() {
             .await
             .expect("store")
     );
+    for s in &mut slots {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leadership_transfers_to_the_chosen_voter() {
+    let ca = init();
+    let timing = RaftTiming::default();
+    let mut slots = cluster(&ca, 3, &timing).await;
+    let leader = wait_leader(&slots).await;
+    for step in 1..=3 {
+        let target = slots[(leader + step) % 3].id;
+        // Ask through a replica that is neither the leader nor the target.
+        let via = slots
+            .iter()
+            .position(|s| s.id != target && s.r().leader().map(|l| l.0) != Some(s.id))
+            .unwrap_or(0);
+        slots[via]
+            .r()
+            .transfer_leader(target)
+            .await
+            .unwrap_or_else(|e| panic!("transfer to {target}: {e}"));
+        let now_leader = wait_leader(&slots).await;
+        assert_eq!(slots[now_leader].id, target, "step {step}");
+        write_ok(slots[now_leader].r(), &format!("sb-tr{step:06}")).await;
+    }
     for s in &mut slots {
         s.stop().await;
     }

@@ -59,7 +59,8 @@ fn v1_command() -> Command {
 fn version_1_fixture_still_decodes() {
     let path = fixture_path();
     if std::env::var("STACYVM_WRITE_FIXTURES").is_ok_and(|v| v == "1") {
-        std::fs::write(&path, codec::encode(&v1_command()).expect("encode")).expect("write fixture");
+        std::fs::write(&path, codec::encode(&v1_command()).expect("encode"))
+            .expect("write fixture");
     }
     let bytes = std::fs::read(&path).expect("fixture present");
     assert_eq!(bytes[0], 1, "fixture is version 1");

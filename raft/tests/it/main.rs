@@ -3,5 +3,8 @@
 mod cluster;
 mod codec_fixtures;
 mod crash;
+mod harness;
+mod large_snapshot;
+mod postgres_modes;
 mod storage_suite;
 mod transport;
