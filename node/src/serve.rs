@@ -57,7 +57,7 @@ pub struct ServeArgs {
     /// Postgres DSN (never printed).
     #[arg(long, env = "STACYVM_DATABASE_DSN", hide_env_values = true)]
     pub database_dsn: Option<String>,
-    /// Raft heartbeat interval in milliseconds; the election timeout is 5–10
+    /// Raft heartbeat interval in milliseconds; the election timeout is 3–6
     /// heartbeats. openraft 0.9 also uses the heartbeat interval as the
     /// timeout of each replication RPC, so it cannot be made much shorter
     /// than a large append takes (see ARCHITECTURE.md, "Raft timing").
@@ -224,8 +224,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     };
     let timing = RaftTiming {
         heartbeat_ms: args.heartbeat_ms,
-        election_min_ms: args.heartbeat_ms * 5,
-        election_max_ms: args.heartbeat_ms * 10,
+        election_min_ms: args.heartbeat_ms * 3,
+        election_max_ms: args.heartbeat_ms * 6,
         ..RaftTiming::default()
     };
     let replica = Replica::start(ReplicaConfig {

@@ -117,6 +117,10 @@ fn serve_args(
         api.to_string(),
         "--certs".into(),
         root.join("certs").display().to_string(),
+        // Slower than the LAN default: debug builds share two cores with
+        // other tests here, and a missed heartbeat must not start an election.
+        "--heartbeat-ms".into(),
+        "80".into(),
     ];
     a.extend(extra.iter().cloned());
     a
