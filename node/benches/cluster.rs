@@ -1106,7 +1106,7 @@ fn print_report(
          `POST /v3/kv/txn` put-if-absent with that lease (etcd, JSON gateway); a distinct \
          resource per operation, TTL 60 s, sent to the leader by concurrent tasks sharing one \
          HTTP/1.1 connection pool. Both systems with default settings (StacyVM: SQLite, Raft \
-         log fsync per append, heartbeat 50 ms, election 250–500 ms; etcd: heartbeat 100 ms, \
+         log fsync per append, heartbeat 50 ms, election 150–300 ms; etcd: heartbeat 100 ms, \
          election 1000 ms). CPU columns: CPU time of the three server processes and of the \
          benchmark client during the window, divided by its length. Failover: one writer \
          through a follower, retry after 10 ms on error; a request still unanswered after the \

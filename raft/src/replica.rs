@@ -289,11 +289,21 @@ impl Handler {
 
     /// Confirms leadership and that every committed entry is applied here,
     /// and returns the lease table of the current term (fresh after an election).
-    async fn lease_term(&self) -> Result<u64, WriteError> {
-        self.raft.ensure_linearizable().await.map_err(|e| match e {
-            RaftError::APIError(_) => WriteError::NoLeader,
-            RaftError::Fatal(f) => fatal(f),
-        })?;
+    ///
+    /// `confirm` forces a read-index round even within a known term. Renewals
+    /// need it: a deposed leader that has not noticed must not extend a
+    /// deadline. Grants do not: their own Raft write fails on a deposed
+    /// leader, so one round at the start of each term (to apply what earlier
+    /// leaders committed) is enough.
+    async fn lease_term(&self, confirm: bool) -> Result<u64, WriteError> {
+        let term = self.raft.metrics().borrow().current_term;
+        let known = self.with_table(|t| t.term() == term).unwrap_or(false);
+        if confirm || !known {
+            self.raft.ensure_linearizable().await.map_err(|e| match e {
+                RaftError::APIError(_) => WriteError::NoLeader,
+                RaftError::Fatal(f) => fatal(f),
+            })?;
+        }
         let term = self.raft.metrics().borrow().current_term;
         let mut table = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         if table.as_ref().is_none_or(|t| t.term() != term) {
@@ -322,7 +332,7 @@ impl Handler {
         holder_id: String,
         ttl_ms: i64,
     ) -> Result<Lease, LeaseError> {
-        self.lease_term().await?;
+        self.lease_term(false).await?;
         let current = self.current_lease(&resource_id).await?;
         let mut now = Ts::now();
         if let Some(l) = current.as_ref().filter(|l| l.holder_id != holder_id) {
@@ -384,7 +394,7 @@ impl Handler {
         holder_id: &str,
         leases: Vec<HeldLease>,
     ) -> Result<RenewOutcome, WriteError> {
-        self.lease_term().await?;
+        self.lease_term(true).await?;
         let mut claims = Vec::with_capacity(leases.len());
         for claim in leases {
             let row = self
@@ -403,7 +413,7 @@ impl Handler {
         resource_id: String,
         holder_id: String,
     ) -> Result<Lease, LeaseError> {
-        self.lease_term().await?;
+        self.lease_term(false).await?;
         let current = self.current_lease(&resource_id).await?;
         let m = Mutation::ReleaseLease {
             resource_id: resource_id.clone(),
@@ -617,7 +627,26 @@ impl Replica {
                     .await
                     .map_err(|_| TransportError::Timeout)
             } else {
-                call(&self.client, leader, &node.raft_addr, &req, attempt).await
+                // Abandon the attempt as soon as another leader is known: the
+                // old one is gone or deposed and will not answer usefully.
+                let sent = call(&self.client, leader, &node.raft_addr, &req, attempt);
+                // (A transfer changes the leader on purpose: wait for its answer.)
+                let watch = !matches!(req, RpcRequest::TransferLeader { .. });
+                let deposed = async {
+                    if !watch {
+                        std::future::pending::<()>().await;
+                    }
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        if self.leader().is_some_and(|(l, _)| l != leader) {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    r = sent => r,
+                    () = deposed => Err(TransportError::Timeout),
+                }
             };
             let reply = match outcome {
                 Ok(r) => r,

@@ -428,6 +428,33 @@ async fn three_serve_processes_survive_sigkill_of_the_leader_and_a_fourth_joins(
         Some(4),
         "{members}"
     );
+
+    // Without a quorum a write waits a bounded time, then answers 503
+    // NO_LEADER with Retry-After, or 504 TIMEOUT if the survivor still thinks
+    // it leads and the outcome is unknown; never a hang or a 500.
+    let last = c.procs.len() - 1;
+    for p in &mut c.procs[..last] {
+        p.kill9();
+    }
+    let started = Instant::now();
+    let resp = c
+        .http
+        .post(format!("http://{}/api/v1/admin/tenants", c.procs[last].api))
+        .json(&json!({ "id": "t-no-quorum", "name": "no quorum" }))
+        .send()
+        .await
+        .expect("answered");
+    let status = resp.status().as_u16();
+    let retry_after = resp.headers().get("retry-after").cloned();
+    let body: Value = resp.json().await.expect("json error body");
+    let no_leader = status == 503 && body["code"] == "NO_LEADER" && retry_after.is_some();
+    let unknown = status == 504 && body["code"] == "TIMEOUT";
+    assert!(no_leader || unknown, "no quorum: {status} {body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "bounded wait: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
