@@ -2,119 +2,26 @@
 //! loopback: election, replication, forwarding, linearizable reads, leader
 //! loss, catch-up from the log and from a snapshot, join and leave.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use stacyvm_raft::certs::{NodeTls, TestCa};
+use stacyvm_raft::certs::TestCa;
 use stacyvm_raft::codec::Command;
-use stacyvm_raft::replica::{RaftTiming, Replica, ReplicaConfig};
-use stacyvm_raft::types::{NodeId, NodeInfo, Response};
+use stacyvm_raft::replica::{RaftTiming, Replica};
+use stacyvm_raft::types::Response;
+use stacyvm_store::Mutation;
 use stacyvm_store::testing::TestDb;
 use stacyvm_store::testing::cases::sandbox;
-use stacyvm_store::{Mutation, Store};
 
-/// One replica's durable parts, kept across restarts.
-struct Slot {
-    id: NodeId,
-    tls: NodeTls,
-    log_dir: tempfile::TempDir,
-    db: TestDb,
-    addr: Option<SocketAddr>,
-    replica: Option<Replica>,
-}
-
-impl Slot {
-    async fn new(ca: &TestCa, id: NodeId) -> Slot {
-        Slot {
-            id,
-            tls: ca.node_tls(id).expect("node tls"),
-            log_dir: tempfile::tempdir().expect("tmp"),
-            db: TestDb::sqlite().await,
-            addr: None,
-            replica: None,
-        }
-    }
-
-    /// Starts (or restarts, on the same port, log and database) this replica.
-    async fn start(&mut self, timing: &RaftTiming) {
-        let bind = self
-            .addr
-            .unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
-        let store: Arc<dyn Store> = if self.addr.is_some() {
-            self.db.reopen().await
-        } else {
-            self.db.store.clone()
-        };
-        let advertise = NodeInfo {
-            raft_addr: bind.to_string(),
-            api_addr: String::new(),
-        };
-        let replica = Replica::start(ReplicaConfig {
-            id: self.id,
-            bind,
-            advertise,
-            tls: self.tls.clone(),
-            log_dir: self.log_dir.path().to_path_buf(),
-            store,
-            shared_store: false,
-            timing: timing.clone(),
-        })
-        .await
-        .expect("start replica");
-        self.addr = replica.raft_addr();
-        self.replica = Some(replica);
-    }
-
-    fn info(&self) -> NodeInfo {
-        NodeInfo {
-            raft_addr: self.addr.expect("started").to_string(),
-            api_addr: format!("api-{}", self.id),
-        }
-    }
-
-    fn r(&self) -> &Replica {
-        self.replica.as_ref().expect("running")
-    }
-
-    async fn stop(&mut self) {
-        if let Some(r) = self.replica.take() {
-            r.shutdown().await;
-        }
-    }
-}
+use crate::harness::{Slot, init, start_cluster, wait_leader};
 
 async fn cluster(ca: &TestCa, n: u64, timing: &RaftTiming) -> Vec<Slot> {
     let mut slots = Vec::new();
     for id in 1..=n {
-        let mut s = Slot::new(ca, id).await;
-        s.start(timing).await;
-        slots.push(s);
+        slots.push(Slot::own(ca, id, TestDb::sqlite().await));
     }
-    let members: BTreeMap<NodeId, NodeInfo> = slots.iter().map(|s| (s.id, s.info())).collect();
-    slots[0].r().bootstrap(members).await.expect("bootstrap");
+    start_cluster(&mut slots, timing).await;
     slots
-}
-
-/// Waits until every running replica agrees on one leader; returns its index.
-async fn wait_leader(slots: &[Slot]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let running: Vec<&Slot> = slots.iter().filter(|s| s.replica.is_some()).collect();
-        let leaders: BTreeSet<Option<NodeId>> = running
-            .iter()
-            .map(|s| s.r().leader().map(|l| l.0))
-            .collect();
-        if leaders.len() == 1
-            && let Some(Some(id)) = leaders.into_iter().next()
-            && let Some(pos) = slots.iter().position(|s| s.id == id && s.replica.is_some())
-        {
-            return pos;
-        }
-        assert!(Instant::now() < deadline, "no agreed leader within 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn create(id: &str) -> Command {
@@ -140,11 +47,6 @@ async fn assert_has_all(slot: &Slot, ids: &[String]) {
             .await
             .unwrap_or_else(|e| panic!("node {} lacks {id}: {e}", slot.id));
     }
-}
-
-fn init() -> TestCa {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    TestCa::new().expect("test CA")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -256,7 +158,7 @@ async fn join_and_leave_under_load() {
     // Writes keep flowing while membership changes.
     let writer_replica_ids: Vec<usize> = vec![leader];
     let mut acked = Vec::new();
-    let mut fourth = Slot::new(&ca, 4).await;
+    let mut fourth = Slot::own(&ca, 4, TestDb::sqlite().await);
     fourth.start(&timing).await;
     let joiner_info = fourth.info();
     let via = (leader + 1) % 3;

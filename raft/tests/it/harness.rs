@@ -1,7 +1,6 @@
-//! A small in-process cluster harness shared by the snapshot and Postgres
-//! tests: like the one in `cluster.rs`, but each replica's store is chosen by
-//! the test (SQLite, its own Postgres database, or a handle on a database
-//! other replicas share).
+//! The in-process cluster harness every cluster test uses: replicas over real
+//! QUIC on loopback, each with a store the test chooses (SQLite, its own
+//! Postgres database, or a handle on a database other replicas share).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
