@@ -96,9 +96,14 @@ impl RaftStateMachine<TypeConfig> for StoreStateMachine {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut out = Vec::new();
+        // Every entry openraft hands over at once goes into one store
+        // transaction: one commit for many entries when the leader is busy.
+        let mut batch = Vec::new();
+        let mut kinds = Vec::new();
+        let mut first_log_id = None;
         for entry in entries {
             let log_id = entry.log_id;
+            first_log_id.get_or_insert(log_id);
             let at = AppliedLog {
                 index: store_index(log_id.index),
                 log_id: json(&log_id),
@@ -116,17 +121,26 @@ impl RaftStateMachine<TypeConfig> for StoreStateMachine {
                     )
                 }
             };
-            let outcome = self
-                .store
-                .apply_batch(&at, &mutations)
-                .await
-                .map_err(|e| StorageError::from(StorageIOError::apply(log_id, &e)))?;
-            out.push(match outcome {
+            batch.push((at, mutations));
+            kinds.push(normal);
+        }
+        let Some(first) = first_log_id else {
+            return Ok(Vec::new());
+        };
+        let outcomes = self
+            .store
+            .apply_entries(&batch)
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::apply(first, &e)))?;
+        let out = outcomes
+            .into_iter()
+            .zip(kinds)
+            .map(|(outcome, normal)| match outcome {
                 BatchOutcome::Skipped { .. } => Response::AlreadyApplied,
                 BatchOutcome::Applied(results) if normal => Response::Applied(results),
                 BatchOutcome::Applied(_) => Response::None,
-            });
-        }
+            })
+            .collect();
         Ok(out)
     }
 

@@ -170,6 +170,15 @@ pub trait Store: Send + Sync + fmt::Debug {
         at: &AppliedLog,
         mutations: &[Mutation],
     ) -> Result<BatchOutcome, StoreError>;
+    /// Several consecutive Raft entries in one transaction: each entry is
+    /// applied (or skipped, if the store already has it) exactly as
+    /// [`apply_batch`](Store::apply_batch) would, and the applied index ends
+    /// at the last new entry. One commit for many entries is what lets a
+    /// busy leader keep up (see docs/benchmarks.md).
+    async fn apply_entries(
+        &self,
+        entries: &[(AppliedLog, Vec<Mutation>)],
+    ) -> Result<Vec<BatchOutcome>, StoreError>;
     async fn raft_state(&self) -> Result<RaftState, StoreError>;
     /// Every table, from one consistent read (the Raft snapshot's contents).
     async fn export_snapshot(&self) -> Result<StoreSnapshot, StoreError>;

@@ -1018,44 +1018,64 @@ macro_rules! sql_store {
                 at: &AppliedLog,
                 mutations: &[Mutation],
             ) -> Result<BatchOutcome, StoreError> {
-                let index = index_i64(at.index)?;
+                let mut outs = self.apply_entries(&[(at.clone(), mutations.to_vec())]).await?;
+                outs.pop().ok_or_else(|| StoreError::Unavailable("no outcome for the entry".into()))
+            }
+
+            async fn apply_entries(
+                &self,
+                entries: &[(AppliedLog, Vec<Mutation>)],
+            ) -> Result<Vec<BatchOutcome>, StoreError> {
                 let mut tx = self.begin_write().await?;
                 // Read the applied index under the write lock (Postgres: the row
                 // lock; SQLite: BEGIN IMMEDIATE already holds the writer lock),
                 // so exactly one of several appliers sharing a database sees
-                // this index as new.
+                // an entry as new.
                 let sql = format!("SELECT applied_index FROM raft_state WHERE id = 1{}", $lock);
-                let stored: i64 = sqlx::query(sqlx::AssertSqlSafe(sql))
+                let mut stored: i64 = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .fetch_one(&mut *tx)
                     .await
                     .and_then(|r| r.try_get(0))
                     .map_err(|e| StoreError::from_sqlx(e, "raft state", "1"))?;
-                if stored >= index {
-                    return Ok(BatchOutcome::Skipped { applied_index: u64::try_from(stored).unwrap_or_default() });
+                let mut last: Option<&AppliedLog> = None;
+                let mut outcomes = Vec::with_capacity(entries.len());
+                for (at, mutations) in entries {
+                    let index = index_i64(at.index)?;
+                    // Indexes only move forward. Raft hands entries over in
+                    // order; the store does not demand contiguity because a
+                    // snapshot install or openraft's storage suite may move it ahead.
+                    if stored >= index {
+                        outcomes.push(BatchOutcome::Skipped { applied_index: u64::try_from(stored).unwrap_or_default() });
+                        continue;
+                    }
+                    let mut outs = Vec::with_capacity(mutations.len());
+                    for m in mutations {
+                        let out = apply_guarded(&mut tx, m, 0).await;
+                        if let Err(e) = &out
+                            && !e.is_deterministic()
+                        {
+                            return Err(e.clone());
+                        }
+                        outs.push(out);
+                    }
+                    outcomes.push(BatchOutcome::Applied(outs));
+                    stored = index;
+                    last = Some(at);
                 }
-                // Indexes only move forward. Raft hands entries over in order;
-                // the store does not demand contiguity because a snapshot
-                // install or openraft's storage suite may move it ahead.
+                let Some(at) = last else {
+                    // Nothing new: nothing to commit.
+                    return Ok(outcomes);
+                };
                 sqlx::query("UPDATE raft_state SET applied_index = $1, applied_log = $2 WHERE id = 1")
-                    .bind(index)
+                    .bind(stored)
                     .bind(&at.log_id)
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| StoreError::from_sqlx(e, "raft state", "1"))?;
-                let mut outs = Vec::with_capacity(mutations.len());
-                for m in mutations {
-                    let out = apply_guarded(&mut tx, m, 0).await;
-                    if let Err(e) = &out {
-                        if !e.is_deterministic() {
-                            return Err(e.clone());
-                        }
-                    }
-                    outs.push(out);
-                }
                 tx.commit()
                     .await
                     .map_err(|e| StoreError::Unavailable($crate::error::describe_transport(&e)))?;
-                Ok(BatchOutcome::Applied(outs))
+                Ok(outcomes)
             }
 
             async fn export_snapshot(&self) -> Result<StoreSnapshot, StoreError> {

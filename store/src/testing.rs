@@ -1468,6 +1468,39 @@ pub mod cases {
                 BatchOutcome::Skipped { applied_index: 3 }
             );
         }
+        // Several entries in one transaction: old ones skipped, new ones applied
+        // in order, the index ending at the last.
+        let entries = vec![
+            (
+                at_index(2),
+                vec![Mutation::CreateSandbox(sandbox("sb-raft0099", "a", 9))],
+            ),
+            (
+                at_index(4),
+                vec![Mutation::CreateSandbox(sandbox("sb-raft0004", "a", 4))],
+            ),
+            (
+                at_index(5),
+                vec![Mutation::CreateSandbox(sandbox("sb-raft0004", "a", 4))],
+            ),
+        ];
+        let outs = s.apply_entries(&entries).await.unwrap();
+        assert_eq!(outs[0], BatchOutcome::Skipped { applied_index: 3 });
+        assert!(
+            matches!(&outs[1], BatchOutcome::Applied(r) if r[0].is_ok()),
+            "{outs:?}"
+        );
+        assert!(
+            matches!(&outs[2], BatchOutcome::Applied(r) if matches!(r[0], Err(StoreError::Conflict { .. }))),
+            "{outs:?}"
+        );
+        assert_not_found(s.get_sandbox("sb-raft0099").await, "skipped entry");
+        let state = s.raft_state().await.unwrap();
+        assert_eq!(
+            (state.applied_index, state.applied_log),
+            (5, at_index(5).log_id)
+        );
+        assert!(s.apply_entries(&[]).await.unwrap().is_empty());
         // Indexes move forward even across a jump (as after a snapshot).
         assert!(matches!(
             s.apply_batch(&at_index(9), &[]).await.unwrap(),
