@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -448,7 +448,7 @@ pub struct TenantRequest {
 async fn tenant_create(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<TenantRequest>,
-) -> Result<(StatusCode, HeaderMap, Json<Tenant>), ApiError> {
+) -> Result<(StatusCode, Json<Tenant>), ApiError> {
     // The receiving replica chooses every non-deterministic input.
     let now = Ts::now();
     let tenant = Tenant {
@@ -462,7 +462,7 @@ async fn tenant_create(
         updated_at: now,
     };
     s.write_one(Mutation::CreateTenant(tenant.clone())).await?;
-    Ok((StatusCode::CREATED, HeaderMap::new(), Json(tenant)))
+    Ok((StatusCode::CREATED, Json(tenant)))
 }
 
 async fn tenant_get(

@@ -7,7 +7,7 @@
 //! - 3: refused for safety (would overwrite, needs `--yes`, corrupt or newer
 //!   database); nothing was changed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use stacyvm_store::backup::{self, BackupError};
@@ -424,13 +424,9 @@ async fn run_db(cmd: DbCommand) -> Result<(), CliError> {
                 r.from.schema_version
             );
             if let Some(prev) = r.previous {
-                println!("previous database kept at {}", display(&prev));
+                println!("previous database kept at {}", prev.display());
             }
             Ok(())
         }
     }
-}
-
-fn display(p: &Path) -> String {
-    p.display().to_string()
 }

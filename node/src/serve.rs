@@ -178,6 +178,23 @@ async fn join_via(member: &str, req: &JoinRequest) -> Result<JoinResponse, CliEr
     }
 }
 
+/// The cluster ID a member's API reports, if it answers within a few seconds.
+async fn remote_cluster_id(member: &str) -> Option<String> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?;
+    let status: serde_json::Value = http
+        .get(format!("http://{member}/api/v1/cluster/status"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    status.get("cluster_id")?.as_str().map(str::to_owned)
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -243,7 +260,20 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let replica = Arc::new(replica);
 
     let cluster_id = match plan {
-        StartPlan::Resume(id) => id.cluster_id,
+        StartPlan::Resume(id) => {
+            // A restart that still names a member to join must not mix
+            // clusters: if that member answers for another cluster, refuse.
+            if let Some(member) = &args.join {
+                match remote_cluster_id(member).await {
+                    Some(remote) => identity::check_joined(Some(&id), &remote)
+                        .map_err(|e| CliError::Refused(e.to_string()))?,
+                    None => {
+                        tracing::warn!("cannot reach {member} to confirm the cluster id; resuming")
+                    }
+                }
+            }
+            id.cluster_id
+        }
         StartPlan::Bootstrap => {
             let mut members = peers.clone();
             members.insert(args.id, me.clone());
@@ -257,49 +287,36 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
             if let Err(e) = replica.bootstrap(members).await {
                 tracing::warn!("bootstrap: {e} (already initialised?)");
             }
-            identity::save(
-                &args.data_dir,
-                &Identity {
-                    cluster_id: cluster_id.clone(),
-                    node_id: args.id,
-                },
-            )
-            .map_err(|e| CliError::Failed(e.to_string()))?;
             cluster_id
         }
-        StartPlan::Join => String::new(),
+        StartPlan::Join => {
+            let member = args.join.clone().unwrap_or_default();
+            let req = JoinRequest {
+                id: args.id,
+                raft_addr: me.raft_addr.clone(),
+                api_addr: me.api_addr.clone(),
+            };
+            join_via(&member, &req).await?.cluster_id
+        }
     };
+    identity::save(
+        &args.data_dir,
+        &Identity {
+            cluster_id: cluster_id.clone(),
+            node_id: args.id,
+        },
+    )
+    .map_err(|e| CliError::Failed(e.to_string()))?;
 
     let listener = tokio::net::TcpListener::bind(args.api_addr)
         .await
         .map_err(|e| CliError::Failed(format!("cannot listen on {}: {e}", args.api_addr)))?;
     let state = AppState {
         replica: replica.clone(),
-        cluster_id: cluster_id.clone(),
+        cluster_id,
         node_id: args.id,
         started: Instant::now(),
     };
-    let mut state = state;
-    if plan_is_join(&args) && cluster_id.is_empty() {
-        let member = args.join.clone().unwrap_or_default();
-        let req = JoinRequest {
-            id: args.id,
-            raft_addr: me.raft_addr.clone(),
-            api_addr: me.api_addr.clone(),
-        };
-        let joined = join_via(&member, &req).await?;
-        identity::check_joined(found.as_ref(), &joined.cluster_id)
-            .map_err(|e| CliError::Refused(e.to_string()))?;
-        identity::save(
-            &args.data_dir,
-            &Identity {
-                cluster_id: joined.cluster_id.clone(),
-                node_id: args.id,
-            },
-        )
-        .map_err(|e| CliError::Failed(e.to_string()))?;
-        state.cluster_id = joined.cluster_id;
-    }
     eprintln!(
         "stacyvm node {} serving: api http://{} raft {} cluster {}",
         args.id, args.api_addr, args.raft_addr, state.cluster_id
@@ -315,8 +332,4 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         }
     }
     served.map_err(|e| CliError::Failed(format!("HTTP server failed: {e}")))
-}
-
-fn plan_is_join(args: &ServeArgs) -> bool {
-    args.join.is_some()
 }

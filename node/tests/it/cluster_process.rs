@@ -457,20 +457,17 @@ async fn three_serve_processes_survive_sigkill_of_the_leader_and_a_fourth_joins(
     );
 }
 
-#[tokio::test]
-async fn a_data_directory_refuses_another_node_id() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let root = dir.path();
+/// Starts a one-replica cluster (generated certificates) in `data`; returns
+/// the process once it is ready, and its arguments.
+async fn single_node(root: &Path, name: &str) -> (Proc, Vec<String>) {
     let raft: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    // A one-replica cluster with generated certificates (no flags beyond addresses).
-    let data = root.join("data");
-    let mut args: Vec<String> = vec![
+    let args: Vec<String> = vec![
         "serve".into(),
         "--id".into(),
         "1".into(),
         "--data-dir".into(),
-        data.display().to_string(),
+        root.join(name).display().to_string(),
         "--raft-addr".into(),
         raft.to_string(),
         "--api-addr".into(),
@@ -479,7 +476,7 @@ async fn a_data_directory_refuses_another_node_id() {
     let mut p = Proc {
         id: 1,
         args: args.clone(),
-        log: root.join("n1.log"),
+        log: root.join(format!("{name}.log")),
         api,
         child: None,
     };
@@ -499,6 +496,27 @@ async fn a_data_directory_refuses_another_node_id() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    (p, args)
+}
+
+#[tokio::test]
+async fn a_data_directory_refuses_another_cluster() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut a, mut args) = single_node(dir.path(), "cluster-a").await;
+    a.kill9();
+    let (b, _) = single_node(dir.path(), "cluster-b").await;
+    // Cluster A's directory, pointed at a member of cluster B: refused.
+    args.extend(["--join".to_string(), b.api.to_string()]);
+    let out = Command::new(bin()).args(&args).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("belongs to cluster"), "{err}");
+}
+
+#[tokio::test]
+async fn a_data_directory_refuses_another_node_id() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut p, mut args) = single_node(dir.path(), "data").await;
     p.kill9();
     // Same directory, another node ID: refused with exit code 3 and a clear reason.
     args[2] = "2".into();
