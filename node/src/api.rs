@@ -28,8 +28,10 @@ use stacyvm_raft::rpc::{LeaseError, WriteError};
 use stacyvm_raft::types::{NodeInfo, Response as RaftResponse};
 use stacyvm_store::{Mutation, StoreError, Tenant, Ts};
 
-/// Largest request body accepted.
+/// Largest request body accepted (JSON and other small bodies).
 pub const MAX_BODY: usize = 1024 * 1024;
+/// Largest file upload (raw bodies are streamed, never held in memory).
+pub const MAX_UPLOAD: usize = 4 * 1024 * 1024 * 1024;
 /// Header naming the leader's API address.
 pub const LEADER_HEADER: &str = "x-stacyvm-leader";
 
@@ -44,13 +46,29 @@ pub struct AppState {
     pub cluster_id: String,
     pub node_id: u64,
     pub started: std::time::Instant,
+    pub control: Arc<crate::control::Control>,
+    pub events: Arc<crate::events::Events>,
+    /// Client for forwarding leader-decided calls.
+    pub forwarder: reqwest::Client,
+}
+
+/// The current request's ID (empty outside a request).
+pub fn request_id() -> String {
+    REQUEST_ID.try_with(Clone::clone).unwrap_or_default()
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(t: Ts) -> String {
+    t.to_chrono()
+        .map(|c| c.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
 }
 
 /// An API failure: a stable code, an HTTP status, a message for humans.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: std::borrow::Cow<'static, str>,
     message: String,
 }
 
@@ -58,12 +76,29 @@ impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
-            code,
+            code: code.into(),
             message: message.into(),
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    /// An error with a code decided at run time (relayed from a worker).
+    pub fn owned(status: StatusCode, code: String, message: String) -> Self {
+        ApiError {
+            status,
+            code: code.into(),
+            message,
+        }
+    }
+
+    pub fn code(&self) -> &str {
+        &self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
     }
 }
@@ -73,7 +108,7 @@ impl IntoResponse for ApiError {
         let request_id = REQUEST_ID.try_with(Clone::clone).unwrap_or_default();
         let body = json!({ "code": self.code, "message": self.message, "request_id": request_id });
         let mut resp = (self.status, Json(body)).into_response();
-        if self.code == "NO_LEADER" {
+        if self.code == "NO_LEADER" || self.code == "NO_ELIGIBLE_WORKER" {
             resp.headers_mut()
                 .insert("retry-after", HeaderValue::from_static("1"));
         }
@@ -149,9 +184,15 @@ pub struct ReadQuery {
     consistency: Option<String>,
 }
 
+impl ReadQuery {
+    pub fn with(consistency: Option<String>) -> Self {
+        ReadQuery { consistency }
+    }
+}
+
 impl AppState {
     /// Makes the local store current enough for the requested consistency.
-    async fn before_read(&self, q: &ReadQuery) -> Result<(), ApiError> {
+    pub async fn before_read(&self, q: &ReadQuery) -> Result<(), ApiError> {
         match q.consistency.as_deref() {
             None | Some("linearizable") => Ok(self.replica.read_barrier().await?),
             Some("stale") => Ok(()),
@@ -162,7 +203,7 @@ impl AppState {
     }
 
     /// Replicates one mutation and returns its outcome.
-    async fn write_one(&self, m: Mutation) -> Result<stacyvm_store::MutationOutput, ApiError> {
+    pub async fn write_one(&self, m: Mutation) -> Result<stacyvm_store::MutationOutput, ApiError> {
         match self.replica.write(Command::Store(vec![m])).await? {
             RaftResponse::Applied(mut r) if r.len() == 1 => Ok(r.remove(0)?),
             other => Err(ApiError::new(
@@ -213,6 +254,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/leases/{id}", get(lease_get))
         .route("/api/v1/admin/tenants", post(tenant_create))
         .route("/api/v1/admin/tenants/{id}", get(tenant_get))
+        .merge(crate::sandbox_api::leader_routes(state.clone()))
+        .merge(crate::sandbox_api::local_routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), envelope))

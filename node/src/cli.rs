@@ -41,13 +41,32 @@ pub enum Command {
     /// Operate on the system of record (migrate, status, backup, restore).
     #[command(subcommand)]
     Db(DbCommand),
+    /// Run a worker agent: joins through any replica, follows the leader,
+    /// runs sandboxes.
+    Worker(crate::agent::WorkerArgs),
+    /// A local HA cluster: three replicas and two workers on loopback.
+    Dev(crate::dev::DevArgs),
+    /// Start a sandbox; prints its ID.
+    Spawn(crate::client_cmd::SpawnArgs),
+    /// Run a command in a sandbox; exits with the command's exit code.
+    Exec(crate::client_cmd::ExecArgs),
+    /// List sandboxes.
+    Ls(crate::client_cmd::LsArgs),
+    /// Show sandboxes.
+    Get(crate::client_cmd::IdArgs),
+    /// Destroy sandboxes.
+    Kill(crate::client_cmd::IdArgs),
+    /// Copy a file into or out of a sandbox (SANDBOX:PATH on one side).
+    Cp(crate::client_cmd::CpArgs),
+    /// List workers, or drain / undrain / remove one.
+    Workers(crate::client_cmd::WorkersArgs),
 }
 
 /// Where client commands send their requests.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// Any replica's API address.
-    #[arg(long, env = "STACYVM_SERVER", default_value = "http://127.0.0.1:7423")]
+    #[arg(long, env = "STACYVM_SERVER", default_value = crate::client_cmd::DEV_SERVERS)]
     pub server: String,
     /// Output format: table or json.
     #[arg(long, default_value = "table")]
@@ -237,6 +256,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Cluster(cmd) => run_cluster(cmd).await,
         Command::Certs(cmd) => run_certs(cmd),
         Command::Db(cmd) => run_db(cmd).await,
+        Command::Worker(args) => crate::agent::run(args).await,
+        Command::Dev(args) => crate::dev::run(args).await,
+        Command::Spawn(a) => crate::client_cmd::spawn(a).await,
+        Command::Exec(a) => crate::client_cmd::exec(a).await,
+        Command::Ls(a) => crate::client_cmd::ls(a).await,
+        Command::Get(a) => crate::client_cmd::get(a).await,
+        Command::Kill(a) => crate::client_cmd::kill(a).await,
+        Command::Cp(a) => crate::client_cmd::cp(a).await,
+        Command::Workers(a) => crate::client_cmd::workers(a).await,
     }
 }
 
@@ -271,48 +299,25 @@ async fn api_call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<serde_json::Value, CliError> {
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .map_err(|e| CliError::Failed(e.to_string()))?;
-    let base = server.server.trim_end_matches('/');
-    let base = if base.starts_with("http://") || base.starts_with("https://") {
-        base.to_owned()
-    } else {
-        format!("http://{base}")
-    };
-    let mut req = http.request(method, format!("{base}{path}"));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| CliError::Failed(format!("cannot reach {base}: {e}")))?;
-    let status = resp.status();
+    let client =
+        stacyvm_client::Client::new(&server.server, None, std::time::Duration::from_secs(30))
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+    let bytes = body.map(|b| b.to_string());
+    let resp = client
+        .send(
+            method,
+            path,
+            || bytes.clone().map(reqwest::Body::from),
+            bytes.as_ref().map(|_| "application/json"),
+        )
+        .await?;
+    let resp = stacyvm_client::check(resp).await?;
     let text = resp.text().await.unwrap_or_default();
-    if !status.is_success() {
-        let msg = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| {
-                Some(format!(
-                    "{}: {}",
-                    v.get("code")?.as_str()?,
-                    v.get("message")?.as_str()?
-                ))
-            })
-            .unwrap_or(text);
-        return Err(if status.is_client_error() {
-            CliError::Refused(msg)
-        } else {
-            CliError::Failed(msg)
-        });
-    }
     if text.is_empty() {
         return Ok(serde_json::Value::Null);
     }
     serde_json::from_str(&text)
-        .map_err(|e| CliError::Failed(format!("bad answer from {base}: {e}")))
+        .map_err(|e| CliError::Failed(format!("bad answer from {}: {e}", client.server())))
 }
 
 fn print_value(server: &ServerArgs, v: &serde_json::Value) {

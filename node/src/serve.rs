@@ -67,6 +67,78 @@ pub struct ServeArgs {
     /// applied once, by whichever replica gets there first).
     #[arg(long, env = "STACYVM_DATABASE_SHARED")]
     pub shared_database: bool,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+/// Sandbox control knobs of `stacyvm serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ControlArgs {
+    /// How often workers heartbeat (ms); three missed beats make a worker stale.
+    #[arg(long, env = "STACYVM_WORKER_HEARTBEAT_MS", default_value_t = 1000)]
+    pub worker_heartbeat_ms: u64,
+    /// Sandbox lease TTL (ms): a worker that cannot renew for this long minus
+    /// its safety margin stops its sandboxes.
+    #[arg(long, env = "STACYVM_LEASE_TTL_MS", default_value_t = 10_000)]
+    pub lease_ttl_ms: u64,
+    /// Extra silence after the lease TTL before a worker is declared offline (ms).
+    #[arg(long, env = "STACYVM_OFFLINE_GRACE_MS", default_value_t = 5_000)]
+    pub offline_grace_ms: u64,
+    /// Sandbox TTL when the spawn names none.
+    #[arg(long, env = "STACYVM_DEFAULT_TTL", default_value = "30m")]
+    pub default_ttl: String,
+    /// Longest TTL a spawn or extend may ask for (an owner quota may lower it).
+    #[arg(long, env = "STACYVM_MAX_TTL", default_value = "24h")]
+    pub max_ttl: String,
+    /// Most live sandboxes in the cluster (0 = unlimited).
+    #[arg(long, env = "STACYVM_MAX_SANDBOXES", default_value_t = 0)]
+    pub max_sandboxes: i64,
+    /// Most live sandboxes per owner (0 = unlimited; an owner quota overrides).
+    #[arg(long, env = "STACYVM_MAX_SANDBOXES_PER_OWNER", default_value_t = 0)]
+    pub max_sandboxes_per_owner: i64,
+    /// Longest exec timeout (also the timeout of an exec that names none).
+    #[arg(long, env = "STACYVM_MAX_EXEC_TIMEOUT", default_value = "10m")]
+    pub max_exec_timeout: String,
+    /// When full, wait this long for room before refusing a spawn (0s = refuse at once).
+    #[arg(long, env = "STACYVM_SPAWN_QUEUE_TIMEOUT", default_value = "0s")]
+    pub spawn_queue_timeout: String,
+    /// How often the leader reconciles every sandbox with its worker.
+    #[arg(long, env = "STACYVM_RECONCILE_INTERVAL", default_value = "10s")]
+    pub reconcile_interval: String,
+    /// Runtime used when a spawn names none.
+    #[arg(long, env = "STACYVM_DEFAULT_RUNTIME", default_value = "mock")]
+    pub default_runtime: String,
+}
+
+impl ControlArgs {
+    pub fn config(&self) -> Result<crate::control::ControlConfig, CliError> {
+        let d = |flag: &str, v: &str| {
+            stacyvm_api::parse_duration(v).map_err(|e| CliError::Usage(format!("--{flag}: {e}")))
+        };
+        let cfg = crate::control::ControlConfig {
+            heartbeat: Duration::from_millis(self.worker_heartbeat_ms.max(10)),
+            lease_ttl: Duration::from_millis(self.lease_ttl_ms),
+            offline_grace: Duration::from_millis(self.offline_grace_ms),
+            default_ttl: d("default-ttl", &self.default_ttl)?,
+            max_ttl: d("max-ttl", &self.max_ttl)?,
+            max_sandboxes: self.max_sandboxes,
+            max_per_owner: self.max_sandboxes_per_owner,
+            max_exec_timeout: d("max-exec-timeout", &self.max_exec_timeout)?,
+            spawn_queue_timeout: d("spawn-queue-timeout", &self.spawn_queue_timeout)?,
+            reconcile_interval: d("reconcile-interval", &self.reconcile_interval)?,
+            default_runtime: self.default_runtime.clone(),
+            ..Default::default()
+        };
+        if cfg.lease_ttl < cfg.heartbeat * 3 {
+            return Err(CliError::Usage(
+                "--lease-ttl-ms must be at least three worker heartbeats".into(),
+            ));
+        }
+        if cfg.default_ttl > cfg.max_ttl {
+            return Err(CliError::Usage("--default-ttl is over --max-ttl".into()));
+        }
+        Ok(cfg)
+    }
 }
 
 fn parse_peer(spec: &str) -> Result<(u64, NodeInfo), CliError> {
@@ -217,6 +289,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if args.id == 0 {
         return Err(CliError::Usage("--id must be at least 1".into()));
     }
+    let control_cfg = args.control.config()?;
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| CliError::Failed(format!("cannot create {}: {e}", args.data_dir.display())))?;
     let found = identity::load(&args.data_dir).map_err(|e| CliError::Failed(e.to_string()))?;
@@ -311,11 +384,23 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let listener = tokio::net::TcpListener::bind(args.api_addr)
         .await
         .map_err(|e| CliError::Failed(format!("cannot listen on {}: {e}", args.api_addr)))?;
+    let control = crate::control::Control::new(replica.clone(), control_cfg)
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let events = crate::events::Events::start(&replica);
+    let loops = tokio::spawn(control.clone().run_leader_loops());
+    let forwarder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(180))
+        .build()
+        .map_err(|e| CliError::Failed(e.to_string()))?;
     let state = AppState {
         replica: replica.clone(),
         cluster_id,
         node_id: args.id,
         started: Instant::now(),
+        control,
+        events,
+        forwarder,
     };
     eprintln!(
         "stacyvm node {} serving: api http://{} raft {} cluster {}",
@@ -325,6 +410,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await;
+    loops.abort();
     match Arc::try_unwrap(replica) {
         Ok(r) => r.shutdown().await,
         Err(r) => {

@@ -114,6 +114,7 @@ pub struct Replica {
     server: Option<RpcServer>,
     store: Arc<dyn Store>,
     timing: RaftTiming,
+    sm: StoreStateMachine,
 }
 
 impl std::fmt::Debug for Replica {
@@ -332,6 +333,21 @@ impl Handler {
         holder_id: String,
         ttl_ms: i64,
     ) -> Result<Lease, LeaseError> {
+        self.lease_acquire_with(resource_id, resource_type, holder_id, ttl_ms, Vec::new())
+            .await
+            .map(|(l, _)| l)
+    }
+
+    /// Grants a lease and applies `extra` in the same Raft entry (after the
+    /// grant). The extras' outcomes are returned; they do not undo the grant.
+    async fn lease_acquire_with(
+        &self,
+        resource_id: String,
+        resource_type: String,
+        holder_id: String,
+        ttl_ms: i64,
+        extra: Vec<Mutation>,
+    ) -> Result<(Lease, Vec<Result<MutationOutput, StoreError>>), LeaseError> {
         self.lease_term(false).await?;
         let current = self.current_lease(&resource_id).await?;
         let mut now = Ts::now();
@@ -357,14 +373,16 @@ impl Handler {
             ttl_ms,
             now,
         };
-        let granted = match local_write(
-            &self.raft,
-            Command::Store(vec![Mutation::AcquireLease(req)]),
-        )
-        .await?
-        {
-            Response::Applied(mut r) if r.len() == 1 => match r.remove(0) {
-                Ok(MutationOutput::Lease(l)) => l,
+        let n_extra = extra.len();
+        let mut cmd = vec![Mutation::AcquireLease(req)];
+        cmd.extend(extra);
+        let mut extra_out = Vec::new();
+        let granted = match local_write(&self.raft, Command::Store(cmd)).await? {
+            Response::Applied(mut r) if r.len() == 1 + n_extra => match r.remove(0) {
+                Ok(MutationOutput::Lease(l)) => {
+                    extra_out = r;
+                    l
+                }
                 Ok(other) => {
                     return Err(WriteError::Fatal(format!("acquire returned {other:?}")).into());
                 }
@@ -386,7 +404,7 @@ impl Handler {
             other => return Err(WriteError::Fatal(format!("acquire returned {other:?}")).into()),
         };
         self.with_table(|t| t.granted(&granted, Instant::now()));
-        Ok(granted)
+        Ok((granted, extra_out))
     }
 
     async fn lease_renew(
@@ -494,6 +512,7 @@ impl Replica {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))??;
         let client = Arc::new(RpcClient::new(&cfg.tls)?);
+        let sm = StoreStateMachine::new(cfg.store.clone());
         let raft = Raft::new(
             cfg.id,
             Arc::new(config),
@@ -506,7 +525,7 @@ impl Replica {
                     applied_raft_index(&cfg.store).await?
                 },
             )?,
-            StoreStateMachine::new(cfg.store.clone()),
+            sm.clone(),
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -526,6 +545,7 @@ impl Replica {
             server: Some(server),
             store: cfg.store,
             timing: cfg.timing,
+            sm,
         })
     }
 
@@ -792,6 +812,62 @@ impl Replica {
             RpcReply::Lease(r) => r,
             other => Err(WriteError::Fatal(format!("unexpected reply {other:?}")).into()),
         }
+    }
+
+    /// On the leader: grants a lease and applies `extra` in the same Raft
+    /// entry, so a record and its lease appear together. `NoLeader` elsewhere.
+    pub async fn acquire_lease_with(
+        &self,
+        resource_id: &str,
+        resource_type: &str,
+        holder_id: &str,
+        ttl_ms: i64,
+        extra: Vec<Mutation>,
+    ) -> Result<(Lease, Vec<Result<MutationOutput, StoreError>>), LeaseError> {
+        if !self.is_leader() {
+            return Err(WriteError::NoLeader.into());
+        }
+        self.handler
+            .lease_acquire_with(
+                resource_id.into(),
+                resource_type.into(),
+                holder_id.into(),
+                ttl_ms,
+                extra,
+            )
+            .await
+    }
+
+    /// On the leader: writes `mutations` (typically `RevokeLease`s and the
+    /// records they guard) in one entry and forgets the revoked leases'
+    /// deadlines. Returns each mutation's outcome.
+    pub async fn write_revoking(
+        &self,
+        revoked: &[String],
+        mutations: Vec<Mutation>,
+    ) -> Result<Vec<Result<MutationOutput, StoreError>>, WriteError> {
+        if !self.is_leader() {
+            return Err(WriteError::NoLeader);
+        }
+        let n = mutations.len();
+        let out = match local_write(&self.raft, Command::Store(mutations)).await? {
+            Response::Applied(r) if r.len() == n => r,
+            Response::AlreadyApplied => Vec::new(),
+            other => return Err(WriteError::Fatal(format!("write returned {other:?}"))),
+        };
+        self.handler.with_table(|t| {
+            for id in revoked {
+                t.forget(id);
+            }
+        });
+        Ok(out)
+    }
+
+    /// What this replica applies, as it applies it (see [`AppliedMutations`]).
+    pub fn subscribe_applied(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<Arc<crate::state_machine::AppliedMutations>> {
+        self.sm.subscribe()
     }
 
     /// The applied log ID of this replica.

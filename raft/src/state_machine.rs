@@ -32,6 +32,15 @@ struct CurrentSnapshot {
 pub struct StoreStateMachine {
     store: Arc<dyn Store>,
     current: Arc<Mutex<Option<CurrentSnapshot>>>,
+    applied: tokio::sync::broadcast::Sender<Arc<AppliedMutations>>,
+}
+
+/// Mutations of normal entries this replica just applied, with their Raft
+/// index, in log order. Every replica sees the same sequence (events are built
+/// from it). Entries skipped as already applied are not repeated.
+#[derive(Debug)]
+pub struct AppliedMutations {
+    pub entries: Vec<(u64, Vec<Mutation>)>,
 }
 
 impl StoreStateMachine {
@@ -39,7 +48,14 @@ impl StoreStateMachine {
         StoreStateMachine {
             store,
             current: Arc::new(Mutex::new(None)),
+            applied: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// Subscribes to what this replica applies (lagging receivers lose the
+    /// oldest batches and are told so by `RecvError::Lagged`).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<AppliedMutations>> {
+        self.applied.subscribe()
     }
 
     /// The store this state machine applies to.
@@ -132,6 +148,18 @@ impl RaftStateMachine<TypeConfig> for StoreStateMachine {
             .apply_entries(&batch)
             .await
             .map_err(|e| StorageError::from(StorageIOError::apply(first, &e)))?;
+        if self.applied.receiver_count() > 0 {
+            let entries = batch
+                .iter()
+                .zip(&outcomes)
+                .zip(&kinds)
+                .filter(|((_, o), normal)| **normal && matches!(o, BatchOutcome::Applied(_)))
+                .map(|(((at, m), _), _)| (at.index.saturating_sub(1), m.clone()))
+                .collect::<Vec<_>>();
+            if !entries.is_empty() {
+                let _ = self.applied.send(Arc::new(AppliedMutations { entries }));
+            }
+        }
         let out = outcomes
             .into_iter()
             .zip(kinds)

@@ -1,0 +1,107 @@
+//! Reconciliation decisions: what to do with one persisted sandbox given its
+//! owner's health and, for live owners, what the owner reports. Pure and
+//! table-tested; the control loop does the I/O.
+//!
+//! | owner | decision |
+//! |---|---|
+//! | online, reports it running | keep; correct the record to `running` if needed |
+//! | online, reports it stopped | mark `error` (its process died), keep the lease until destroyed |
+//! | online, does not have it | mark `lost`, close the lease |
+//! | online, did not answer | wait (next pass) |
+//! | stale | wait |
+//! | draining | keep |
+//! | offline, or no worker record | mark `lost`, close the lease |
+//!
+//! A sandbox still `creating` is left alone: its spawn is in flight.
+
+use stacyvm_store::SandboxState;
+
+use super::liveness::Health;
+
+/// What the owning worker said about the sandbox (online owners only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Report {
+    Running,
+    Stopped,
+    Missing,
+    NoAnswer,
+}
+
+/// The owner as reconciliation sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// No worker record exists.
+    Missing,
+    Known(Health),
+}
+
+/// What to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Keep,
+    /// Record a new state (the lease stays).
+    SetState(SandboxState),
+    /// Record `lost` and revoke the lease.
+    MarkLost,
+    /// Ask the owner (online owners need a status RPC first).
+    AskOwner,
+}
+
+/// Decides for one sandbox; `report` is `None` before the owner was asked.
+pub fn decide(state: SandboxState, owner: Owner, report: Option<Report>) -> Action {
+    use SandboxState as S;
+    if matches!(state, S::Destroyed | S::Lost | S::Creating | S::Expired) {
+        return Action::Keep;
+    }
+    match owner {
+        Owner::Missing | Owner::Known(Health::Offline) => Action::MarkLost,
+        Owner::Known(Health::Stale) | Owner::Known(Health::Draining) => Action::Keep,
+        Owner::Known(Health::Online) => match report {
+            None => Action::AskOwner,
+            Some(Report::Running) if state == S::Running || state == S::Idle => Action::Keep,
+            Some(Report::Running) => Action::SetState(S::Running),
+            Some(Report::Stopped) if state == S::Error => Action::Keep,
+            Some(Report::Stopped) => Action::SetState(S::Error),
+            Some(Report::Missing) => Action::MarkLost,
+            Some(Report::NoAnswer) => Action::Keep,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Action::*;
+    use Health::*;
+    use SandboxState as S;
+
+    #[test]
+    fn decide_table() {
+        #[rustfmt::skip]
+        let cases: &[(S, Owner, Option<Report>, Action)] = &[
+            (S::Running, Owner::Known(Online), None, AskOwner),
+            (S::Running, Owner::Known(Online), Some(Report::Running), Keep),
+            (S::Unhealthy, Owner::Known(Online), Some(Report::Running), SetState(S::Running)),
+            (S::Error, Owner::Known(Online), Some(Report::Running), SetState(S::Running)),
+            (S::Running, Owner::Known(Online), Some(Report::Stopped), SetState(S::Error)),
+            (S::Error, Owner::Known(Online), Some(Report::Stopped), Keep),
+            (S::Running, Owner::Known(Online), Some(Report::Missing), MarkLost),
+            (S::Running, Owner::Known(Online), Some(Report::NoAnswer), Keep),
+            (S::Running, Owner::Known(Stale), None, Keep),
+            (S::Running, Owner::Known(Draining), None, Keep),
+            (S::Running, Owner::Known(Offline), None, MarkLost),
+            (S::Running, Owner::Missing, None, MarkLost),
+            (S::Idle, Owner::Missing, None, MarkLost),
+            (S::Creating, Owner::Missing, None, Keep),
+            (S::Destroyed, Owner::Known(Offline), None, Keep),
+            (S::Lost, Owner::Known(Offline), None, Keep),
+        ];
+        for (state, owner, report, want) in cases {
+            assert_eq!(
+                decide(*state, *owner, *report),
+                *want,
+                "{state:?} {owner:?} {report:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The workspace's only `unsafe`: thin, checked wrappers over the libc calls
+//! std does not offer (signals to processes and process groups, the
+//! monotonic clock). Everything else calls these.
+#![allow(unsafe_code)]
+
+/// Sends `sig` to process `pid`. Returns false if the process does not exist
+/// (or cannot be signalled). `pid` must be positive: 0 and negatives (which
+/// address groups) are refused here.
+pub fn kill(pid: i32, sig: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill(2) has no memory effects; pid is a positive process ID.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
+
+/// Sends `sig` to every process in process group `pgid` (> 1).
+pub fn kill_group(pgid: i32, sig: i32) -> bool {
+    if pgid <= 1 {
+        return false;
+    }
+    // SAFETY: kill(2) with a negative pid addresses the process group; no memory effects.
+    unsafe { libc::kill(-pgid, sig) == 0 }
+}
+
+/// Whether process `pid` exists (signal 0).
+pub fn alive(pid: i32) -> bool {
+    kill(pid, 0)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (comparable across processes on one host).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_and_clock() {
+        assert!(alive(i32::try_from(std::process::id()).unwrap_or(0)));
+        assert!(!kill(0, 0), "group addressing is refused");
+        assert!(!kill_group(1, 0), "init's group is refused");
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(a > 0 && b >= a);
+    }
+}
