@@ -1044,6 +1044,111 @@ pub fn build_runtimes(
     Ok(out)
 }
 
+/// What the heartbeat loop should do next (from signals, or from a test).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Run,
+    /// Refuse new sandboxes, report `draining`, exit once empty or timed out.
+    Drain,
+    /// Exit now.
+    Stop,
+}
+
+/// Everything the heartbeat loop needs.
+#[derive(Clone, Debug)]
+pub struct LoopConfig {
+    pub bootstrap: Vec<String>,
+    pub rpc_url: String,
+    pub advertised: Vec<String>,
+    pub heartbeat: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl Agent {
+    /// Heartbeats, follows the leader, fences; returns when `mode` says stop
+    /// (or a drain finished).
+    pub async fn heartbeat_loop(
+        self: Arc<Self>,
+        cfg: LoopConfig,
+        mut mode: tokio::sync::watch::Receiver<Mode>,
+    ) -> Result<(), String> {
+        let mut attach = Attachment::new(cfg.bootstrap.clone()).map_err(|e| e.to_string())?;
+        let mut interval = cfg.heartbeat.max(Duration::from_millis(20));
+        let mut drain_deadline: Option<Instant> = None;
+        let mut attached = false;
+        let mut fence_tick = tokio::time::interval(Duration::from_millis(100));
+        let mut next_beat = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_beat) => {
+                    let req = self.heartbeat_request(&cfg.rpc_url, &cfg.advertised);
+                    let sent = Instant::now();
+                    match attach.beat(&self.id, &req).await {
+                        Ok(reply) => {
+                            if !attached {
+                                tracing::info!(worker = %self.id, replica = attach.current().unwrap_or(""), "attached to the leader");
+                                attached = true;
+                            }
+                            self.apply_reply(&reply, sent).await;
+                            if reply.heartbeat_interval_ms > 0 {
+                                interval = Duration::from_millis(u64::try_from(reply.heartbeat_interval_ms).unwrap_or(1000));
+                            }
+                            next_beat = tokio::time::Instant::now() + interval;
+                        }
+                        Err(e) => {
+                            if attached {
+                                tracing::warn!(worker = %self.id, error = %e, "heartbeat failed; looking for the leader");
+                                attached = false;
+                            } else {
+                                tracing::debug!(worker = %self.id, error = %e, "heartbeat failed");
+                            }
+                            // Retry fast while re-attaching: an election takes well under a second.
+                            next_beat = tokio::time::Instant::now() + (interval / 5).clamp(Duration::from_millis(20), Duration::from_millis(100));
+                        }
+                    }
+                }
+                _ = fence_tick.tick() => self.fence().await,
+                changed = mode.changed() => {
+                    let m = if changed.is_ok() { *mode.borrow() } else { Mode::Stop };
+                    match m {
+                        Mode::Stop => return Ok(()),
+                        Mode::Drain if drain_deadline.is_none() => {
+                            self.draining.store(true, Ordering::SeqCst);
+                            drain_deadline = Some(Instant::now() + cfg.drain_timeout);
+                            next_beat = tokio::time::Instant::now();
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if let Some(d) = drain_deadline
+                && (Instant::now() >= d || lk(&self.held).is_empty())
+            {
+                // One last beat so the leader sees the final state.
+                let req = self.heartbeat_request(&cfg.rpc_url, &cfg.advertised);
+                let _ = attach.beat(&self.id, &req).await;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Stops every local sandbox (exit with `--destroy-on-exit`).
+    pub async fn stop_all(&self) {
+        let ids: Vec<String> = lk(&self.held).keys().cloned().collect();
+        for sid in ids {
+            self.stop_local(&sid, "worker exiting").await;
+        }
+    }
+
+    /// Sandboxes this worker runs, with their generations.
+    pub fn held(&self) -> BTreeMap<String, i64> {
+        lk(&self.held)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.generation))
+            .collect()
+    }
+}
+
 /// Runs `stacyvm worker` until SIGTERM (drain, then exit) or SIGINT (exit).
 pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
     let id = args.id.clone().unwrap_or_else(hostname);
@@ -1092,73 +1197,37 @@ pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
         "worker {id}: RPC on {rpc_url}, runtimes {advertised:?}, bootstrap {:?}",
         args.bootstrap
     );
-
-    let mut attach =
-        Attachment::new(args.bootstrap.clone()).map_err(|e| CliError::Failed(e.to_string()))?;
-    let mut interval = Duration::from_millis(args.heartbeat_ms.max(50));
+    let (tx, rx) = tokio::sync::watch::channel(Mode::Run);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| CliError::Failed(e.to_string()))?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| CliError::Failed(e.to_string()))?;
-    let mut drain_deadline: Option<Instant> = None;
-    let mut attached = false;
-    let mut fence_tick = tokio::time::interval(Duration::from_millis(200));
-    let mut next_beat = tokio::time::Instant::now();
-    loop {
+    tokio::spawn(async move {
         tokio::select! {
-            _ = tokio::time::sleep_until(next_beat) => {
-                let req = agent.heartbeat_request(&rpc_url, &advertised);
-                let sent = Instant::now();
-                match attach.beat(&id, &req).await {
-                    Ok(reply) => {
-                        if !attached {
-                            tracing::info!(replica = attach.current().unwrap_or(""), "attached to the leader");
-                            eprintln!("worker {id}: attached to the leader at {}", attach.current().unwrap_or(""));
-                            attached = true;
-                        }
-                        agent.apply_reply(&reply, sent).await;
-                        if reply.heartbeat_interval_ms > 0 {
-                            interval = Duration::from_millis(u64::try_from(reply.heartbeat_interval_ms).unwrap_or(1000));
-                        }
-                        next_beat = tokio::time::Instant::now() + interval;
-                    }
-                    Err(e) => {
-                        if attached {
-                            tracing::warn!(error = %e, "heartbeat failed; looking for the leader");
-                            attached = false;
-                        } else {
-                            tracing::debug!(error = %e, "heartbeat failed");
-                        }
-                        // Retry fast while re-attaching: an election takes well under a second.
-                        next_beat = tokio::time::Instant::now() + Duration::from_millis(100);
-                    }
-                }
-            }
-            _ = fence_tick.tick() => agent.fence().await,
             _ = term.recv() => {
-                eprintln!("worker {id}: SIGTERM, draining (no new sandboxes)");
-                agent.draining.store(true, Ordering::SeqCst);
-                drain_deadline = Some(Instant::now() + Duration::from_secs(args.drain_timeout_s));
-                next_beat = tokio::time::Instant::now();
+                eprintln!("worker: SIGTERM, draining (no new sandboxes)");
+                let _ = tx.send(Mode::Drain);
+                // A second signal stops at once.
+                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                let _ = tx.send(Mode::Stop);
             }
-            _ = int.recv() => break,
+            _ = int.recv() => { let _ = tx.send(Mode::Stop); }
         }
-        if let Some(d) = drain_deadline
-            && (Instant::now() >= d || lk(&agent.held).is_empty())
-        {
-            break;
-        }
-        if server.is_finished() {
-            return Err(CliError::Failed("the RPC server stopped".into()));
-        }
-    }
+    });
+    let cfg = LoopConfig {
+        bootstrap: args.bootstrap.clone(),
+        rpc_url,
+        advertised,
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+        drain_timeout: Duration::from_secs(args.drain_timeout_s),
+    };
+    let result = tokio::select! {
+        r = agent.clone().heartbeat_loop(cfg, rx) => r.map_err(CliError::Failed),
+        r = server => Err(CliError::Failed(format!("the RPC server stopped: {r:?}"))),
+    };
     if args.destroy_on_exit {
-        let ids: Vec<String> = lk(&agent.held).keys().cloned().collect();
-        for sid in ids {
-            agent.stop_local(&sid, "worker exiting").await;
-        }
+        agent.stop_all().await;
     }
-    server.abort();
     eprintln!("worker {id}: stopped");
-    Ok(())
+    result
 }

@@ -171,7 +171,17 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rej) => Err(ApiError::new(rej.status(), "BAD_REQUEST", rej.body_text())),
+            // Malformed, mistyped or unknown fields are all 400 (axum says
+            // 422 for some); oversized bodies stay 413, wrong types 415.
+            Err(rej) => {
+                let status = match rej.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                        rej.status()
+                    }
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                Err(ApiError::new(status, "BAD_REQUEST", rej.body_text()))
+            }
         }
     }
 }

@@ -284,6 +284,47 @@ async fn shutdown_signal() {
 }
 
 /// Runs a replica until it is told to stop.
+/// What a replica serves on top of its Raft replica: the HTTP app and the
+/// leader loops (used by `serve` and by in-process tests).
+#[derive(Debug)]
+pub struct Services {
+    pub control: Arc<crate::control::Control>,
+    pub app: axum::Router,
+    pub loops: tokio::task::JoinHandle<()>,
+}
+
+/// Builds the control service, event hub and router for `replica`.
+pub fn services(
+    replica: Arc<Replica>,
+    cluster_id: String,
+    node_id: u64,
+    cfg: crate::control::ControlConfig,
+) -> Result<Services, CliError> {
+    let control = crate::control::Control::new(replica.clone(), cfg)
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let events = crate::events::Events::start(&replica);
+    let loops = tokio::spawn(control.clone().run_leader_loops());
+    let forwarder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(180))
+        .build()
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let state = AppState {
+        replica,
+        cluster_id,
+        node_id,
+        started: Instant::now(),
+        control: control.clone(),
+        events,
+        forwarder,
+    };
+    Ok(Services {
+        control,
+        app: crate::api::router(state),
+        loops,
+    })
+}
+
 pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     if args.id == 0 {
@@ -384,33 +425,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let listener = tokio::net::TcpListener::bind(args.api_addr)
         .await
         .map_err(|e| CliError::Failed(format!("cannot listen on {}: {e}", args.api_addr)))?;
-    let control = crate::control::Control::new(replica.clone(), control_cfg)
-        .map_err(|e| CliError::Failed(e.to_string()))?;
-    let events = crate::events::Events::start(&replica);
-    let loops = tokio::spawn(control.clone().run_leader_loops());
-    let forwarder = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(180))
-        .build()
-        .map_err(|e| CliError::Failed(e.to_string()))?;
-    let state = AppState {
-        replica: replica.clone(),
-        cluster_id,
-        node_id: args.id,
-        started: Instant::now(),
-        control,
-        events,
-        forwarder,
-    };
+    let services = services(replica.clone(), cluster_id.clone(), args.id, control_cfg)?;
     eprintln!(
         "stacyvm node {} serving: api http://{} raft {} cluster {}",
-        args.id, args.api_addr, args.raft_addr, state.cluster_id
+        args.id, args.api_addr, args.raft_addr, cluster_id
     );
-    let app = crate::api::router(state);
-    let served = axum::serve(listener, app)
+    let served = axum::serve(listener, services.app)
         .with_graceful_shutdown(shutdown_signal())
         .await;
-    loops.abort();
+    services.loops.abort();
     match Arc::try_unwrap(replica) {
         Ok(r) => r.shutdown().await,
         Err(r) => {

@@ -1350,7 +1350,9 @@ impl Control {
                         state: SandboxState::Lost,
                         at: now_ts(),
                     });
-                    self.replica.write_revoking(std::slice::from_ref(&sb.id), m).await?;
+                    self.replica
+                        .write_revoking(std::slice::from_ref(&sb.id), m)
+                        .await?;
                     if occupies(sb.state) {
                         let _ = self.with_leader(|s| s.counts.add(&sb.owner_id, &sb.worker_id, -1));
                     }

@@ -2,3 +2,5 @@
 
 mod cluster_process;
 mod db;
+mod plane;
+mod sandboxes;
