@@ -1076,7 +1076,6 @@ impl Agent {
         let mut interval = cfg.heartbeat.max(Duration::from_millis(20));
         let mut drain_deadline: Option<Instant> = None;
         let mut attached = false;
-        let mut fence_tick = tokio::time::interval(Duration::from_millis(100));
         let mut next_beat = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -1107,7 +1106,6 @@ impl Agent {
                         }
                     }
                 }
-                _ = fence_tick.tick() => self.fence().await,
                 changed = mode.changed() => {
                     let m = if changed.is_ok() { *mode.borrow() } else { Mode::Stop };
                     match m {
@@ -1129,6 +1127,17 @@ impl Agent {
                 let _ = attach.beat(&self.id, &req).await;
                 return Ok(());
             }
+        }
+    }
+
+    /// Fences forever (see the module docs). Runs on its own task, apart from
+    /// the heartbeat loop: a heartbeat stuck on a dead replica (up to its 3 s
+    /// timeout) must never delay fencing.
+    pub async fn fence_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            self.fence().await;
         }
     }
 
@@ -1221,10 +1230,12 @@ pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
         heartbeat: Duration::from_millis(args.heartbeat_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
     };
+    let fencer = tokio::spawn(agent.clone().fence_loop());
     let result = tokio::select! {
         r = agent.clone().heartbeat_loop(cfg, rx) => r.map_err(CliError::Failed),
         r = server => Err(CliError::Failed(format!("the RPC server stopped: {r:?}"))),
     };
+    fencer.abort();
     if args.destroy_on_exit {
         agent.stop_all().await;
     }

@@ -2,5 +2,6 @@
 
 mod cluster_process;
 mod db;
+mod liveness;
 mod plane;
 mod sandboxes;

@@ -206,6 +206,7 @@ pub struct W {
     pub agent: Arc<Agent>,
     pub rpc_url: String,
     mode: tokio::sync::watch::Sender<Mode>,
+    rpc_stop: tokio::sync::watch::Sender<bool>,
     hb: tokio::task::JoinHandle<Result<(), String>>,
     rt: std::sync::Mutex<Option<tokio::runtime::Runtime>>,
     pub state: tempfile::TempDir,
@@ -248,9 +249,14 @@ impl W {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let rpc_url = format!("http://{}", std_listener.local_addr().expect("addr"));
         let app = agent::router(agent.clone());
+        let (rpc_stop, mut rpc_rx) = tokio::sync::watch::channel(false);
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rpc_rx.wait_for(|stop| *stop).await;
+                })
+                .await;
         });
         let (mode, rx) = tokio::sync::watch::channel(Mode::Run);
         let cfg = LoopConfig {
@@ -261,11 +267,13 @@ impl W {
             drain_timeout: Duration::from_secs(30),
         };
         let hb = rt.spawn(agent.clone().heartbeat_loop(cfg, rx));
+        rt.spawn(agent.clone().fence_loop());
         W {
             id: id.to_string(),
             agent,
             rpc_url,
             mode,
+            rpc_stop,
             hb,
             rt: std::sync::Mutex::new(Some(rt)),
             state,
@@ -280,10 +288,15 @@ impl W {
         }
     }
 
-    /// The worker stops heartbeating but keeps serving RPC (a partition from
-    /// the control plane's heartbeat path).
+    /// The worker stops heartbeating but keeps serving RPC and fencing (a
+    /// partition from the control plane's heartbeat path).
     pub fn stop_heartbeats(&self) {
         self.hb.abort();
+    }
+
+    /// The worker's RPC server stops (heartbeats go on).
+    pub fn stop_rpc(&self) {
+        let _ = self.rpc_stop.send(true);
     }
 
     pub fn drain(&self) {
