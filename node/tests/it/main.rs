@@ -5,3 +5,4 @@ mod db;
 mod liveness;
 mod plane;
 mod sandboxes;
+mod reconcile;
