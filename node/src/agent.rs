@@ -939,9 +939,11 @@ pub struct Attachment {
 
 impl Attachment {
     pub fn new(bootstrap: Vec<String>) -> Result<Self, reqwest::Error> {
+        // Short: a paused or partitioned replica must not hold the worker
+        // back from finding the new leader (re-attach within 2 s of an election).
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(3))
+            .connect_timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(1))
             .build()?;
         let bootstrap = bootstrap.into_iter().map(|b| base_url(&b)).collect();
         Ok(Attachment {
@@ -1131,7 +1133,7 @@ impl Agent {
     }
 
     /// Fences forever (see the module docs). Runs on its own task, apart from
-    /// the heartbeat loop: a heartbeat stuck on a dead replica (up to its 3 s
+    /// the heartbeat loop: a heartbeat stuck on a dead replica (up to its 1 s
     /// timeout) must never delay fencing.
     pub async fn fence_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));

@@ -212,14 +212,7 @@ async fn spawn(
         req.owner_id = u.to_string();
     }
     let plan = s.control.plan_spawn(&req).await?;
-    let sb = s.control.spawn(plan, &request_id()).await?;
-    let generation = s
-        .replica
-        .store()
-        .get_lease(&sb.id)
-        .await
-        .map(|l| l.generation)
-        .unwrap_or(0);
+    let (sb, generation) = s.control.spawn(plan, &request_id()).await?;
     Ok((StatusCode::CREATED, Json(sandbox_view(&sb, generation))).into_response())
 }
 
@@ -902,14 +895,7 @@ async fn template_spawn(
         ..Default::default()
     };
     let plan = s.control.plan_spawn(&spawn).await?;
-    let sb = s.control.spawn(plan, &request_id()).await?;
-    let generation = s
-        .replica
-        .store()
-        .get_lease(&sb.id)
-        .await
-        .map(|l| l.generation)
-        .unwrap_or(0);
+    let (sb, generation) = s.control.spawn(plan, &request_id()).await?;
     Ok((StatusCode::CREATED, Json(sandbox_view(&sb, generation))).into_response())
 }
 

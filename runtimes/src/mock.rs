@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! <state_dir>/<sandbox_id>/
-//!     meta.json     sandbox_id, image, labels, generation, env, keeper_pid, created_at
+//!     meta.json     sandbox_id, image, labels, generation, env, keeper_pid, keeperless, created_at
 //!     sandbox.log   lines the runtime appends: started, one per exec, stopped
 //!     stopped       marker: the stop was recorded (written once)
 //!     root/         the sandbox filesystem; root/workspace is /workspace
@@ -22,6 +22,17 @@
 //! The keeper is `sh -c 'while :; do sleep 3600; done' stacyvm-mock-keeper <id>`
 //! in its own process group: a sandbox is Running while that exact process is
 //! alive (its `/proc/<pid>/cmdline` names the sandbox, which detects pid reuse).
+//!
+//! Lite sandboxes: when `STACYVM_MOCK_KEEPER` is `0` (read once, in
+//! [`MockRuntime::new`]; or [`MockOptions::keeper`] = `false`), a spawn starts
+//! no keeper and records `keeperless: true` (and `keeper_pid: 0`) in
+//! `meta.json`. Such a sandbox is Running while its directory and metadata
+//! exist and no stop was recorded; it stops only when destroyed. Execs and
+//! file operations work as usual (execs are real host processes). The choice
+//! is recorded per sandbox, so a runtime restarted with the other setting
+//! still judges every sandbox it adopts correctly. Meant for load tests that
+//! need many live sandboxes without two host processes each; the default
+//! (any other value, or unset) keeps the keeper.
 //!
 //! **The mock is not a security boundary.** Commands run as the host user with
 //! the host's filesystem and network; only their working directory is inside
@@ -57,6 +68,10 @@ pub const KEEPER_TAG: &str = "stacyvm-mock-keeper";
 /// Environment variable naming the evidence log read by [`MockRuntime::new`].
 pub const EVENT_LOG_ENV: &str = "STACYVM_MOCK_EVENT_LOG";
 
+/// Environment variable read by [`MockRuntime::new`]: `0` starts sandboxes
+/// without a keeper process (lite sandboxes, see the module docs).
+pub const KEEPER_ENV: &str = "STACYVM_MOCK_KEEPER";
+
 /// `PATH` of every command run in a mock sandbox.
 pub const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -72,6 +87,40 @@ const MAX_ID_LEN: usize = 128;
 pub struct MockRuntime {
     state_dir: PathBuf,
     event_log: Option<PathBuf>,
+    keeper: bool,
+}
+
+/// How a [`MockRuntime`] behaves; [`MockOptions::default`] is an evidence log
+/// off and the keeper on, [`MockOptions::from_env`] what [`MockRuntime::new`] uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MockOptions {
+    /// Append one JSON line per sandbox start and stop to this file.
+    pub event_log: Option<PathBuf>,
+    /// Start a keeper process per sandbox (`false`: lite sandboxes, Running
+    /// while their directory exists).
+    pub keeper: bool,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        MockOptions {
+            event_log: None,
+            keeper: true,
+        }
+    }
+}
+
+impl MockOptions {
+    /// `STACYVM_MOCK_EVENT_LOG` (a non-empty path) and `STACYVM_MOCK_KEEPER`
+    /// (`0` turns the keeper off; anything else, or unset, keeps it).
+    pub fn from_env() -> Self {
+        MockOptions {
+            event_log: std::env::var_os(EVENT_LOG_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            keeper: !matches!(std::env::var(KEEPER_ENV), Ok(v) if v.trim() == "0"),
+        }
+    }
 }
 
 /// What `meta.json` holds. Fields are only ever added, with defaults, so a
@@ -91,25 +140,43 @@ struct Meta {
     #[serde(default)]
     vcpus: i64,
     keeper_pid: u32,
+    /// Started without a keeper: Running until destroyed (older metadata
+    /// lacks the field, and always had a keeper).
+    #[serde(default)]
+    keeperless: bool,
     created_at: String,
 }
 
 impl MockRuntime {
     /// A mock runtime keeping its sandboxes under `state_dir` (created if
-    /// missing), with the evidence log named by `STACYVM_MOCK_EVENT_LOG`.
+    /// missing), with the evidence log named by `STACYVM_MOCK_EVENT_LOG` and
+    /// the keeper turned off when `STACYVM_MOCK_KEEPER` is `0`.
     pub fn new(state_dir: impl Into<PathBuf>) -> Result<Self, RuntimeError> {
-        let event_log = std::env::var_os(EVENT_LOG_ENV)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from);
-        Self::with_event_log(state_dir, event_log)
+        Self::with_options(state_dir, MockOptions::from_env())
     }
 
     /// Like [`new`](Self::new), with the evidence log given explicitly
-    /// (`None`: no evidence log) instead of read from the environment.
+    /// (`None`: no evidence log) and the keeper on, whatever the environment says.
     pub fn with_event_log(
         state_dir: impl Into<PathBuf>,
         event_log: Option<PathBuf>,
     ) -> Result<Self, RuntimeError> {
+        Self::with_options(
+            state_dir,
+            MockOptions {
+                event_log,
+                ..MockOptions::default()
+            },
+        )
+    }
+
+    /// Like [`new`](Self::new), with every option given explicitly instead
+    /// of read from the environment.
+    pub fn with_options(
+        state_dir: impl Into<PathBuf>,
+        options: MockOptions,
+    ) -> Result<Self, RuntimeError> {
+        let MockOptions { event_log, keeper } = options;
         let state_dir = std::path::absolute(state_dir.into())
             .map_err(|e| RuntimeError::Internal(format!("mock state directory: {e}")))?;
         std::fs::create_dir_all(&state_dir).map_err(|e| {
@@ -121,6 +188,7 @@ impl MockRuntime {
         Ok(MockRuntime {
             state_dir,
             event_log,
+            keeper,
         })
     }
 
@@ -147,8 +215,16 @@ impl MockRuntime {
         Ok((dir, meta))
     }
 
-    /// Running or Stopped, recording the stop the first time it is seen.
+    /// Running or Stopped, recording the stop the first time it is seen. A
+    /// keeperless sandbox runs until its stop is recorded (by destroy).
     fn observe(&self, dir: &Path, meta: &Meta) -> RuntimeState {
+        if meta.keeperless {
+            return if dir.join(STOPPED).exists() {
+                RuntimeState::Stopped
+            } else {
+                RuntimeState::Running
+            };
+        }
         if keeper_alive(meta.keeper_pid, &meta.sandbox_id) {
             RuntimeState::Running
         } else {
@@ -478,11 +554,21 @@ impl MockRuntime {
             memory_mb: spec.memory_mb,
             vcpus: spec.vcpus,
             keeper_pid: 0,
+            keeperless: !self.keeper,
             created_at: rfc3339(SystemTime::now()),
         };
         // The start is evidence before the keeper exists, so the recorded
         // interval never starts after the sandbox did.
         self.event("start", &meta);
+        if meta.keeperless {
+            // Running from the moment its metadata exists.
+            if let Err(e) = write_meta(dir, &meta) {
+                self.event("stop", &meta);
+                return Err(e);
+            }
+            append_log(dir, &format!("started image={} (no keeper)", meta.image));
+            return Ok(self.describe(dir, &meta, RuntimeState::Running));
+        }
         let keeper = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(KEEPER_SCRIPT)

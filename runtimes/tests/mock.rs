@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use stacyvm_runtimes::mock::MockRuntime;
+use stacyvm_runtimes::mock::{KEEPER_TAG, MockOptions, MockRuntime};
 use stacyvm_runtimes::testing::cases::{code, read, run_ok, write};
 use stacyvm_runtimes::testing::{Fixture, random_sandbox_id};
 use stacyvm_runtimes::{Runtime, RuntimeState, SpawnSpec};
@@ -278,4 +278,81 @@ async fn bad_state_dir_is_unavailable() {
     std::fs::write(&file, b"").expect("write");
     let err = MockRuntime::with_event_log(file.join("state"), None).expect_err("not a dir");
     assert_eq!(err.code(), "UNAVAILABLE");
+}
+
+/// Pids of live processes whose command line names `KEEPER_TAG` followed by `id`.
+fn keepers_of(id: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args
+                .windows(2)
+                .any(|w| w[0] == KEEPER_TAG.as_bytes() && w[1] == id.as_bytes())
+            {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeper_off_sandboxes_run_until_destroyed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("events.jsonl");
+    let state = dir.path().join("state");
+    let lite = MockOptions {
+        event_log: Some(log.clone()),
+        keeper: false,
+    };
+    let rt: Arc<dyn Runtime> =
+        Arc::new(MockRuntime::with_options(&state, lite).expect("mock runtime"));
+    let id = random_sandbox_id();
+    let sb = rt.spawn(&spec(&id, "w", 2)).await.expect("spawn");
+    assert_eq!(sb.state, RuntimeState::Running);
+    assert_eq!(
+        rt.status(&id).await.expect("status").state,
+        RuntimeState::Running
+    );
+    assert!(keepers_of(&id).is_empty(), "a keeper was started");
+    assert_eq!(keeper_pid(&state, &id), 0);
+
+    // Exec and files work as usual.
+    assert_eq!(
+        run_ok(&rt, &id, "echo \"hi $SANDBOX_ID\"").await,
+        format!("hi {id}\n")
+    );
+    write(&rt, &id, "f.txt", b"lite").await;
+    assert_eq!(read(&rt, &id, "/workspace/f.txt").await, b"lite");
+
+    // The choice is recorded per sandbox: a runtime with the keeper on
+    // adopts it as running.
+    let other = MockRuntime::with_event_log(&state, None).expect("reopen");
+    let listed = other.list().await.expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].state, RuntimeState::Running);
+
+    rt.destroy(&id).await.expect("destroy");
+    assert!(!state.join(&id).exists());
+    assert_eq!(code(&rt.status(&id).await), "NOT_FOUND");
+    let kinds: Vec<String> = events(&log)
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or("?").to_string())
+        .collect();
+    assert_eq!(kinds, ["start", "stop"]);
+
+    // The default keeps the keeper.
+    assert!(MockOptions::default().keeper);
+    let b = random_sandbox_id();
+    other.spawn(&spec(&b, "w", 1)).await.expect("spawn b");
+    assert_eq!(keepers_of(&b).len(), 1);
+    other.destroy(&b).await.expect("destroy b");
 }

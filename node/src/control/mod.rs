@@ -564,7 +564,8 @@ impl Control {
     /// Spawns on the leader: admission, placement, lease + record in one Raft
     /// entry, the worker RPC, then the running record. A failed spawn leaves no
     /// lease and no live record.
-    pub async fn spawn(&self, plan: SpawnPlan, request_id: &str) -> Result<Sandbox, ControlError> {
+    /// Returns the record and its lease generation.
+    pub async fn spawn(&self, plan: SpawnPlan, request_id: &str) -> Result<(Sandbox, i64), ControlError> {
         self.ensure_leader().await?;
         let limits = self.limits_for(&plan.owner_id).await?;
         let deadline = Instant::now() + self.cfg.spawn_queue_timeout;
@@ -634,7 +635,7 @@ impl Control {
         plan: &SpawnPlan,
         worker_id: &str,
         request_id: &str,
-    ) -> Result<Sandbox, ControlError> {
+    ) -> Result<(Sandbox, i64), ControlError> {
         let worker = self
             .with_leader(|s| s.workers.get(worker_id).cloned())?
             .ok_or_else(|| {
@@ -751,7 +752,7 @@ impl Control {
         s.state = SandboxState::Running;
         s.runtime_id = started.runtime_id;
         s.updated_at = at;
-        Ok(s)
+        Ok((s, lease.generation))
     }
 
     /// Revokes a sandbox's lease and marks it destroyed, in one entry.
