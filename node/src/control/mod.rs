@@ -565,7 +565,11 @@ impl Control {
     /// entry, the worker RPC, then the running record. A failed spawn leaves no
     /// lease and no live record.
     /// Returns the record and its lease generation.
-    pub async fn spawn(&self, plan: SpawnPlan, request_id: &str) -> Result<(Sandbox, i64), ControlError> {
+    pub async fn spawn(
+        &self,
+        plan: SpawnPlan,
+        request_id: &str,
+    ) -> Result<(Sandbox, i64), ControlError> {
         self.ensure_leader().await?;
         let limits = self.limits_for(&plan.owner_id).await?;
         let deadline = Instant::now() + self.cfg.spawn_queue_timeout;

@@ -4,5 +4,5 @@ mod cluster_process;
 mod db;
 mod liveness;
 mod plane;
-mod sandboxes;
 mod reconcile;
+mod sandboxes;

@@ -13,17 +13,26 @@ use crate::plane::{Plane, W, eventually, fast, workers_online};
 fn cfg() -> ControlConfig {
     // Long leases: a worker that stops heartbeating stays `stale` for the
     // whole test instead of going offline.
-    ControlConfig { lease_ttl: Duration::from_secs(20), offline_grace: Duration::from_secs(10), ..fast() }
+    ControlConfig {
+        lease_ttl: Duration::from_secs(20),
+        offline_grace: Duration::from_secs(10),
+        ..fast()
+    }
 }
 
 async fn run(driver: StoreDriver) {
-    let Some(plane) = Plane::start(1, driver, cfg()).await else { return };
+    let Some(plane) = Plane::start(1, driver, cfg()).await else {
+        return;
+    };
     let cp = plane.leader().await;
     let r = cp.r().clone();
     let c = plane.client();
     let a = W::start("worker-a", plane.apis(), Duration::from_secs(2)).await;
     workers_online(&c, 1).await;
-    let spawn = || SpawnRequest { image: "busybox".into(), ..Default::default() };
+    let spawn = || SpawnRequest {
+        image: "busybox".into(),
+        ..Default::default()
+    };
     let a1 = c.spawn(&spawn()).await.expect("a1").id; // online, running: kept
     let a3 = c.spawn(&spawn()).await.expect("a3").id; // online, record says unhealthy: corrected
     let a4 = c.spawn(&spawn()).await.expect("a4").id; // online, its process died: error
@@ -47,7 +56,13 @@ async fn run(driver: StoreDriver) {
     }
     cp.control.step_down(); // reload leader memory with the new worker records
     // Persisted sandboxes, each under a lease held by its worker.
-    let persisted = [("sb-a20000000001", "worker-a"), ("sb-b10000000001", "worker-b"), ("sb-c10000000001", "worker-c"), ("sb-d10000000001", "worker-d"), ("sb-e10000000001", "worker-e")];
+    let persisted = [
+        ("sb-a20000000001", "worker-a"),
+        ("sb-b10000000001", "worker-b"),
+        ("sb-c10000000001", "worker-c"),
+        ("sb-d10000000001", "worker-d"),
+        ("sb-e10000000001", "worker-e"),
+    ];
     for (id, worker) in persisted {
         let mut sb = cases::sandbox(id, "", 0);
         sb.state = SandboxState::Running;
@@ -55,40 +70,99 @@ async fn run(driver: StoreDriver) {
         sb.created_at = now;
         sb.updated_at = now;
         sb.expires_at = now.plus_millis(3_600_000);
-        let (_, extra) = r.acquire_lease_with(id, SANDBOX_LEASE, worker, 60_000, vec![Mutation::CreateSandbox(sb)]).await.expect("lease + record");
+        let (_, extra) = r
+            .acquire_lease_with(
+                id,
+                SANDBOX_LEASE,
+                worker,
+                60_000,
+                vec![Mutation::CreateSandbox(sb)],
+            )
+            .await
+            .expect("lease + record");
         extra.into_iter().for_each(|e| {
             e.expect("record written");
         });
     }
     // An orphan lease guarding no sandbox at all.
-    r.acquire_lease_with("sb-0f0000000001", SANDBOX_LEASE, "worker-a", 60_000, vec![]).await.expect("orphan lease");
+    r.acquire_lease_with("sb-0f0000000001", SANDBOX_LEASE, "worker-a", 60_000, vec![])
+        .await
+        .expect("orphan lease");
     // a3's record drifted; a4's process died behind the runtime's back.
-    r.write_revoking(&[], vec![Mutation::SetSandboxState { id: a3.clone(), state: SandboxState::Unhealthy, at: Ts::now() }]).await.expect("drift");
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(a.state.path().join("mock").join(&a4).join("meta.json")).expect("meta")).expect("json");
+    r.write_revoking(
+        &[],
+        vec![Mutation::SetSandboxState {
+            id: a3.clone(),
+            state: SandboxState::Unhealthy,
+            at: Ts::now(),
+        }],
+    )
+    .await
+    .expect("drift");
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(a.state.path().join("mock").join(&a4).join("meta.json")).expect("meta"),
+    )
+    .expect("json");
     let keeper = meta["keeper_pid"].as_i64().expect("keeper pid") as i32;
     stacyvm_runtimes::sys::kill_group(keeper, 9);
 
     eventually(Duration::from_secs(5), "worker-b stale", || async {
-        c.workers().await.is_ok_and(|ws| ws.iter().any(|w| w.id == "worker-b" && w.status == "stale"))
+        c.workers()
+            .await
+            .is_ok_and(|ws| ws.iter().any(|w| w.id == "worker-b" && w.status == "stale"))
     })
     .await;
     cp.control.reconcile_pass().await.expect("reconcile");
 
     let store = cp.r().store();
     let state = |id: String| async move { store.get_sandbox(&id).await.expect("sandbox").state };
-    let has_lease = |id: &'static str| async move { !matches!(store.get_lease(id).await, Err(StoreError::NotFound { .. })) };
-    assert_eq!(state(a1.clone()).await, SandboxState::Running, "online worker runs it: kept");
-    assert_eq!(state(a3.clone()).await, SandboxState::Running, "online worker runs it: record corrected");
-    assert_eq!(state(a4.clone()).await, SandboxState::Error, "online worker reports it stopped");
-    assert_eq!(state("sb-a20000000001".into()).await, SandboxState::Lost, "online worker does not have it");
+    let has_lease = |id: &'static str| async move {
+        !matches!(store.get_lease(id).await, Err(StoreError::NotFound { .. }))
+    };
+    assert_eq!(
+        state(a1.clone()).await,
+        SandboxState::Running,
+        "online worker runs it: kept"
+    );
+    assert_eq!(
+        state(a3.clone()).await,
+        SandboxState::Running,
+        "online worker runs it: record corrected"
+    );
+    assert_eq!(
+        state(a4.clone()).await,
+        SandboxState::Error,
+        "online worker reports it stopped"
+    );
+    assert_eq!(
+        state("sb-a20000000001".into()).await,
+        SandboxState::Lost,
+        "online worker does not have it"
+    );
     assert!(!has_lease("sb-a20000000001").await);
-    assert_eq!(state("sb-b10000000001".into()).await, SandboxState::Running, "stale owner: wait");
+    assert_eq!(
+        state("sb-b10000000001".into()).await,
+        SandboxState::Running,
+        "stale owner: wait"
+    );
     assert!(has_lease("sb-b10000000001").await);
-    assert_eq!(state("sb-c10000000001".into()).await, SandboxState::Running, "draining owner: kept");
+    assert_eq!(
+        state("sb-c10000000001".into()).await,
+        SandboxState::Running,
+        "draining owner: kept"
+    );
     assert!(has_lease("sb-c10000000001").await);
-    assert_eq!(state("sb-d10000000001".into()).await, SandboxState::Lost, "offline owner: lost");
+    assert_eq!(
+        state("sb-d10000000001".into()).await,
+        SandboxState::Lost,
+        "offline owner: lost"
+    );
     assert!(!has_lease("sb-d10000000001").await);
-    assert_eq!(state("sb-e10000000001".into()).await, SandboxState::Lost, "missing owner: lost");
+    assert_eq!(
+        state("sb-e10000000001".into()).await,
+        SandboxState::Lost,
+        "missing owner: lost"
+    );
     assert!(!has_lease("sb-e10000000001").await);
     assert!(!has_lease("sb-0f0000000001").await, "orphan lease closed");
     // A second pass changes nothing (idempotent).
@@ -96,7 +170,11 @@ async fn run(driver: StoreDriver) {
     assert!(again.is_empty(), "second pass acted: {again:?}");
     // The lost sandbox's worker is told at its next heartbeat; nothing of it runs.
     let running = a.running_here().await;
-    assert!(running.contains(&a1) && running.contains(&a3) && !running.contains(&"sb-a20000000001".to_string()));
+    assert!(
+        running.contains(&a1)
+            && running.contains(&a3)
+            && !running.contains(&"sb-a20000000001".to_string())
+    );
     a.cleanup().await;
     plane.shutdown().await;
 }
