@@ -42,7 +42,6 @@ pub fn fast() -> ControlConfig {
 
 /// One in-process replica.
 pub struct Cp {
-    pub id: u64,
     pub replica: Option<Arc<Replica>>,
     pub control: Arc<Control>,
     pub api: String,
@@ -109,7 +108,6 @@ impl Plane {
                 let _ = axum::serve(listener, app).await;
             });
             cps.push(Cp {
-                id,
                 replica: Some(replica),
                 control: svc.control,
                 api: info.api_addr.clone(),
@@ -203,7 +201,6 @@ impl Plane {
 /// (in-flight connections included), as a killed process would.
 pub struct W {
     pub id: String,
-    pub agent: Arc<Agent>,
     pub rpc_url: String,
     mode: tokio::sync::watch::Sender<Mode>,
     rpc_stop: tokio::sync::watch::Sender<bool>,
@@ -270,7 +267,6 @@ impl W {
         rt.spawn(agent.clone().fence_loop());
         W {
             id: id.to_string(),
-            agent,
             rpc_url,
             mode,
             rpc_stop,
