@@ -44,9 +44,33 @@ use stacyvm_runtimes::{
 
 use crate::cli::CliError;
 
+/// `stacyvm worker` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum WorkerCommand {
+    /// Signed worker tokens: issue, inspect, verify, rotation-plan.
+    #[command(subcommand)]
+    Token(crate::token_cmd::TokenCommand),
+}
+
 /// Flags of `stacyvm worker`.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct WorkerArgs {
+    #[command(subcommand)]
+    pub command: Option<WorkerCommand>,
+    /// Credential towards the control plane: a per-worker or shared token, or
+    /// a signed token (never printed).
+    #[arg(
+        long,
+        env = "STACYVM_AUTH_WORKER_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "worker_token_file"
+    )]
+    pub worker_token: Option<String>,
+    /// File holding the credential, re-read whenever it changes (for
+    /// externally rotated signed tokens).
+    #[arg(long, env = "STACYVM_AUTH_WORKER_TOKEN_FILE")]
+    pub worker_token_file: Option<PathBuf>,
     /// This worker's ID (default: the host name).
     #[arg(long, env = "STACYVM_WORKER_ID")]
     pub id: Option<String>,
@@ -121,6 +145,12 @@ pub struct Agent {
     lease_ttl: Mutex<Duration>,
     safety_margin: Duration,
     max_sandboxes: i64,
+    /// Its credential towards the control plane (static or signed; a file is
+    /// re-read when it changes).
+    credential: Option<Arc<crate::config::SecretSource>>,
+    /// What its RPC server accepts (own static token, derived RPC keys from
+    /// the leader, revoked token IDs).
+    rpc_auth: Mutex<stacyvm_auth::RpcAuth>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -194,7 +224,102 @@ impl Agent {
             lease_ttl: Mutex::new(Duration::from_secs(10)),
             safety_margin,
             max_sandboxes,
+            credential: None,
+            rpc_auth: Mutex::new(stacyvm_auth::RpcAuth::default()),
         })
+    }
+
+    /// Like [`Agent::new`], with a credential towards the control plane.
+    pub fn with_credential(
+        id: String,
+        runtimes: BTreeMap<String, Arc<dyn Runtime>>,
+        safety_margin: Duration,
+        max_sandboxes: i64,
+        credential: Option<crate::config::SecretSource>,
+    ) -> Arc<Self> {
+        let rpc_auth = stacyvm_auth::RpcAuth {
+            worker_id: id.clone(),
+            ..Default::default()
+        };
+        Arc::new(Agent {
+            id,
+            runtimes,
+            held: Mutex::new(HashMap::new()),
+            newest: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            lease_ttl: Mutex::new(Duration::from_secs(10)),
+            safety_margin,
+            max_sandboxes,
+            credential: credential.map(Arc::new),
+            rpc_auth: Mutex::new(rpc_auth),
+        })
+    }
+
+    /// The credential to present now (`None`: none configured).
+    fn current_credential(&self) -> Result<Option<String>, String> {
+        match &self.credential {
+            None => Ok(None),
+            Some(src) => {
+                let s = src.get().map_err(|e| e.to_string())?;
+                let v = s.expose().to_string();
+                // A static credential is also what the control plane may
+                // present on RPC; a signed one is not (wrong audience).
+                let mut ra = lk(&self.rpc_auth);
+                ra.worker_id = self.id.clone();
+                ra.static_token = (!v.starts_with(stacyvm_auth::token::PREFIX))
+                    .then(|| stacyvm_auth::Secret::new(v.clone()));
+                Ok(Some(v))
+            }
+        }
+    }
+
+    /// Checks an RPC's credentials for `scope`. Open when the worker has no
+    /// credential and was given no RPC keys (development).
+    fn authorize(&self, headers: &HeaderMap, scope: &str) -> RpcResult<()> {
+        let ra = lk(&self.rpc_auth).clone();
+        if !ra.configured() {
+            return Ok(());
+        }
+        let claimed = headers
+            .get(WORKER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        )
+        .unwrap_or(0);
+        // Either header may carry a valid credential: the signed RPC token
+        // (Bearer) or the worker's own static token (X-Worker-Token).
+        let bearer = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|a| a.strip_prefix("Bearer "));
+        let stat = headers.get("x-worker-token").and_then(|v| v.to_str().ok());
+        let mut last = stacyvm_auth::AuthError::Missing;
+        for tok in [bearer, stat].into_iter().flatten() {
+            match ra.authenticate(claimed, Some(tok), now, scope) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        let status = if last.is_forbidden() {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        let code = if last.is_forbidden() {
+            codes::FORBIDDEN
+        } else {
+            codes::UNAUTHORIZED
+        };
+        Err(RpcError::new(
+            status,
+            code,
+            format!("{} ({})", last, last.reason()),
+        ))
     }
 
     /// Runtimes whose health check passes now.
@@ -373,6 +498,19 @@ impl Agent {
 
     /// Applies the leader's answer to a heartbeat sent at `sent`.
     async fn apply_reply(&self, reply: &HeartbeatReply, sent: Instant) {
+        {
+            let mut ra = lk(&self.rpc_auth);
+            ra.worker_id = self.id.clone();
+            let keys: Vec<Vec<u8>> = reply
+                .rpc_keys
+                .iter()
+                .filter_map(|h| hex::decode(h).ok())
+                .collect();
+            if !keys.is_empty() {
+                ra.rpc_keys = keys;
+            }
+            ra.revoked = reply.revoked_token_ids.iter().cloned().collect();
+        }
         if reply.lease_ttl_ms > 0 {
             *lk(&self.lease_ttl) =
                 Duration::from_millis(u64::try_from(reply.lease_ttl_ms).unwrap_or(10_000));
@@ -622,9 +760,11 @@ async fn rpc_spawn(
     headers: HeaderMap,
     RpcJson(req): RpcJson<RpcSpawn>,
 ) -> RpcResult<Json<RpcSandbox>> {
+    a.authorize(&headers, "worker:spawn")?;
     a.spawn(&headers, req).await.map(Json)
 }
 async fn rpc_list(State(a): A, headers: HeaderMap) -> RpcResult<Json<Vec<RpcSandbox>>> {
+    a.authorize(&headers, "worker:status")?;
     a.list(&headers).await.map(Json)
 }
 async fn rpc_status(
@@ -632,6 +772,7 @@ async fn rpc_status(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> RpcResult<Json<RpcSandbox>> {
+    a.authorize(&headers, "worker:status")?;
     a.status(&headers, &id).await.map(Json)
 }
 async fn rpc_destroy(
@@ -639,6 +780,7 @@ async fn rpc_destroy(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> RpcResult<Json<StatusReply>> {
+    a.authorize(&headers, "worker:destroy")?;
     a.destroy(&headers, &id).await.map(Json)
 }
 
@@ -648,6 +790,7 @@ async fn rpc_exec(
     Path(id): Path<String>,
     RpcJson(req): RpcJson<ExecRequest>,
 ) -> RpcResult<Json<ExecResult>> {
+    a.authorize(&headers, "worker:exec")?;
     let rt = a.admit(&headers, &id)?;
     let spec = exec_spec(&req).map_err(bad)?;
     let out = rt.exec(&id, &spec).await?;
@@ -674,6 +817,7 @@ async fn rpc_exec_stream(
     Path(id): Path<String>,
     RpcJson(req): RpcJson<ExecRequest>,
 ) -> RpcResult<Response> {
+    a.authorize(&headers, "worker:exec")?;
     let rt = a.admit(&headers, &id)?;
     let spec = exec_spec(&req).map_err(bad)?;
     let rx = rt.exec_stream(&id, &spec).await?;
@@ -741,6 +885,7 @@ async fn rpc_file_put(
     Query(q): Query<FileQuery>,
     body: Body,
 ) -> RpcResult<Json<StatusReply>> {
+    a.authorize(&headers, "worker:files")?;
     let rt = a.admit(&headers, &id)?;
     let path = need_path(&q)?;
     let mode = match &q.mode {
@@ -772,6 +917,7 @@ async fn rpc_file_get(
     Path(id): Path<String>,
     Query(q): Query<FileQuery>,
 ) -> RpcResult<Response> {
+    a.authorize(&headers, "worker:files")?;
     let rt = a.admit(&headers, &id)?;
     let path = need_path(&q)?;
     let (size, reader) = rt.read_file(&id, &path).await?;
@@ -792,6 +938,7 @@ async fn rpc_file_delete(
     Path(id): Path<String>,
     Query(q): Query<FileQuery>,
 ) -> RpcResult<Json<StatusReply>> {
+    a.authorize(&headers, "worker:files")?;
     let rt = a.admit(&headers, &id)?;
     rt.remove(&id, &need_path(&q)?, q.recursive.unwrap_or(false))
         .await?;
@@ -816,6 +963,7 @@ async fn rpc_file_list(
     Path(id): Path<String>,
     Query(q): Query<FileQuery>,
 ) -> RpcResult<Json<Vec<wire::FileInfo>>> {
+    a.authorize(&headers, "worker:files")?;
     let rt = a.admit(&headers, &id)?;
     let path = q
         .path
@@ -837,6 +985,7 @@ async fn rpc_file_stat(
     Path(id): Path<String>,
     Query(q): Query<FileQuery>,
 ) -> RpcResult<Json<wire::FileInfo>> {
+    a.authorize(&headers, "worker:files")?;
     let rt = a.admit(&headers, &id)?;
     Ok(Json(info(rt.stat(&id, &need_path(&q)?).await?)))
 }
@@ -847,6 +996,7 @@ async fn rpc_file_glob(
     Path(id): Path<String>,
     Query(q): Query<FileQuery>,
 ) -> RpcResult<Json<Vec<String>>> {
+    a.authorize(&headers, "worker:files")?;
     let rt = a.admit(&headers, &id)?;
     let pattern = q
         .pattern
@@ -862,6 +1012,7 @@ async fn rpc_file_move(
     Path(id): Path<String>,
     RpcJson(req): RpcJson<wire::MoveRequest>,
 ) -> RpcResult<Json<StatusReply>> {
+    a.authorize(&headers, "worker:files")?;
     let rt = a.admit(&headers, &id)?;
     rt.rename(&id, &req.old_path, &req.new_path).await?;
     Ok(Json(StatusReply {
@@ -875,6 +1026,7 @@ async fn rpc_file_chmod(
     Path(id): Path<String>,
     RpcJson(req): RpcJson<wire::ChmodRequest>,
 ) -> RpcResult<Json<StatusReply>> {
+    a.authorize(&headers, "worker:files")?;
     let rt = a.admit(&headers, &id)?;
     rt.chmod(&id, &req.path, req.mode.bits().map_err(bad)?)
         .await?;
@@ -889,6 +1041,7 @@ async fn rpc_logs(
     Path(id): Path<String>,
     Query(q): Query<FileQuery>,
 ) -> RpcResult<Json<Vec<String>>> {
+    a.authorize(&headers, "worker:logs")?;
     let rt = a.admit(&headers, &id)?;
     Ok(Json(
         rt.logs(&id, q.lines.unwrap_or(100).min(10_000)).await?,
@@ -965,6 +1118,7 @@ impl Attachment {
     pub async fn beat(
         &mut self,
         worker_id: &str,
+        credential: Option<&str>,
         req: &HeartbeatRequest,
     ) -> Result<HeartbeatReply, String> {
         let base = match &self.current {
@@ -976,14 +1130,15 @@ impl Attachment {
             }
         };
         let url = format!("{base}/api/v1/worker/{worker_id}/heartbeat");
-        let resp = match self
+        let mut b = self
             .http
             .post(&url)
             .header(WORKER_ID_HEADER, worker_id)
-            .json(req)
-            .send()
-            .await
-        {
+            .json(req);
+        if let Some(c) = credential {
+            b = b.header("x-worker-token", c);
+        }
+        let resp = match b.send().await {
             Ok(r) => r,
             Err(e) => {
                 self.current = None;
@@ -1084,7 +1239,15 @@ impl Agent {
                 _ = tokio::time::sleep_until(next_beat) => {
                     let req = self.heartbeat_request(&cfg.rpc_url, &cfg.advertised);
                     let sent = Instant::now();
-                    match attach.beat(&self.id, &req).await {
+                    let cred = match self.current_credential() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::error!(worker = %self.id, error = %e, "credential unusable; heartbeat not sent");
+                            next_beat = tokio::time::Instant::now() + interval;
+                            continue;
+                        }
+                    };
+                    match attach.beat(&self.id, cred.as_deref(), &req).await {
                         Ok(reply) => {
                             if !attached {
                                 tracing::info!(worker = %self.id, replica = attach.current().unwrap_or(""), "attached to the leader");
@@ -1126,7 +1289,8 @@ impl Agent {
             {
                 // One last beat so the leader sees the final state.
                 let req = self.heartbeat_request(&cfg.rpc_url, &cfg.advertised);
-                let _ = attach.beat(&self.id, &req).await;
+                let cred = self.current_credential().ok().flatten();
+                let _ = attach.beat(&self.id, cred.as_deref(), &req).await;
                 return Ok(());
             }
         }
@@ -1162,6 +1326,22 @@ impl Agent {
 
 /// Runs `stacyvm worker` until SIGTERM (drain, then exit) or SIGINT (exit).
 pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
+    if let Some(WorkerCommand::Token(cmd)) = args.command {
+        return crate::token_cmd::run(cmd);
+    }
+    let credential = match (&args.worker_token, &args.worker_token_file) {
+        (Some(t), _) if !t.is_empty() => Some(crate::config::SecretSource::Inline(
+            stacyvm_auth::Secret::new(t.clone()),
+        )),
+        (_, Some(f)) => {
+            let src = crate::config::SecretSource::from_parts(None, Some(&f.display().to_string()));
+            if let Some(s) = &src {
+                s.get().map_err(|e| CliError::Usage(e.to_string()))?;
+            }
+            src
+        }
+        _ => None,
+    };
     let id = args.id.clone().unwrap_or_else(hostname);
     wire::check_name("worker id", &id).map_err(|e| CliError::Usage(e.0))?;
     if args.bootstrap.is_empty() {
@@ -1172,11 +1352,12 @@ pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| CliError::Failed(format!("state dir {}: {e}", args.state_dir.display())))?;
     let runtimes = build_runtimes(&args.runtimes, &args.state_dir)?;
-    let agent = Agent::new(
+    let agent = Agent::with_credential(
         id.clone(),
         runtimes,
         Duration::from_millis(args.safety_margin_ms),
         args.max_sandboxes,
+        credential,
     );
     agent.adopt().await;
     let advertised = agent.healthy_runtimes().await;

@@ -50,6 +50,8 @@ pub struct AppState {
     pub events: Arc<crate::events::Events>,
     /// Client for forwarding leader-decided calls.
     pub forwarder: reqwest::Client,
+    /// Credentials this replica checks (files re-read when they change).
+    pub auth: Arc<crate::config::AuthSources>,
 }
 
 /// The current request's ID (empty outside a request).
@@ -70,6 +72,8 @@ pub struct ApiError {
     status: StatusCode,
     code: std::borrow::Cow<'static, str>,
     message: String,
+    /// For auth failures: the rule that refused (`token_expired`, ...).
+    reason: Option<&'static str>,
 }
 
 impl ApiError {
@@ -78,6 +82,7 @@ impl ApiError {
             status,
             code: code.into(),
             message: message.into(),
+            reason: None,
         }
     }
 
@@ -87,6 +92,7 @@ impl ApiError {
             status,
             code: code.into(),
             message,
+            reason: None,
         }
     }
 
@@ -106,13 +112,47 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let request_id = REQUEST_ID.try_with(Clone::clone).unwrap_or_default();
-        let body = json!({ "code": self.code, "message": self.message, "request_id": request_id });
+        let mut body =
+            json!({ "code": self.code, "message": self.message, "request_id": request_id });
+        if let Some(r) = self.reason {
+            body["reason"] = json!(r);
+        }
         let mut resp = (self.status, Json(body)).into_response();
         if self.code == "NO_LEADER" || self.code == "NO_ELIGIBLE_WORKER" {
             resp.headers_mut()
                 .insert("retry-after", HeaderValue::from_static("1"));
         }
         resp
+    }
+}
+
+impl From<stacyvm_auth::AuthError> for ApiError {
+    fn from(e: stacyvm_auth::AuthError) -> Self {
+        let (status, code) = if e.is_forbidden() {
+            (StatusCode::FORBIDDEN, "FORBIDDEN")
+        } else if matches!(e, stacyvm_auth::AuthError::NotConfigured) {
+            (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+        } else {
+            (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+        };
+        ApiError {
+            status,
+            code: code.into(),
+            message: e.to_string(),
+            reason: Some(e.reason()),
+        }
+    }
+}
+
+impl From<crate::config::ConfigError> for ApiError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        // A secret file that became unreadable: the replica cannot decide.
+        tracing::error!(error = %e, "credential source unusable");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "credential configuration is unusable on this replica",
+        )
     }
 }
 
@@ -247,6 +287,127 @@ async fn envelope(State(state): State<AppState>, req: Request, next: Next) -> Re
     resp
 }
 
+/// Which credential a path needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guard {
+    Public,
+    Worker,
+    User,
+    Admin,
+}
+
+/// The guard of a request path (pure; table-tested).
+pub fn guard_of(method: &axum::http::Method, path: &str) -> Guard {
+    use axum::http::Method;
+    if matches!(path, "/health" | "/live" | "/ready" | "/metrics") {
+        return Guard::Public;
+    }
+    if path.starts_with("/api/v1/worker/") {
+        return Guard::Worker;
+    }
+    if path.starts_with("/api/v1/admin/") || path == "/api/v1/admin" {
+        return Guard::Admin;
+    }
+    // Membership changes and worker administration are operator actions.
+    let admin_posts = [
+        "/api/v1/cluster/join",
+        "/api/v1/cluster/leave",
+        "/api/v1/cluster/transfer-leader",
+    ];
+    if *method == Method::POST && admin_posts.contains(&path) {
+        return Guard::Admin;
+    }
+    if path.starts_with("/api/v1/workers/")
+        && (*method == Method::POST || *method == Method::DELETE)
+    {
+        return Guard::Admin;
+    }
+    Guard::User
+}
+
+/// The identity a request proved (set by [`authenticate`]).
+#[derive(Clone, Debug)]
+pub enum Caller {
+    Open,
+    Role(stacyvm_auth::Role),
+    Worker(stacyvm_auth::WorkerIdentity),
+}
+
+fn header<'a>(h: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The worker token of a request: `X-Worker-Token`, else `Authorization: Bearer`.
+pub fn worker_token(h: &axum::http::HeaderMap) -> Option<&str> {
+    header(h, "x-worker-token")
+        .or_else(|| header(h, "authorization").and_then(|a| a.strip_prefix("Bearer ")))
+}
+
+/// Checks credentials before any handler runs: API keys on user and admin
+/// routes (admin routes need the admin key; the user key is never promoted),
+/// worker credentials on worker routes, and neither kind on the other's
+/// routes. With no key configured, user and admin routes are open; with no
+/// worker credential configured, worker routes are open (development).
+async fn authenticate(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+    let guard = guard_of(req.method(), req.uri().path());
+    let headers = req.headers().clone();
+    let caller = match check(&s, guard, &headers).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+async fn check(s: &AppState, guard: Guard, h: &axum::http::HeaderMap) -> Result<Caller, ApiError> {
+    match guard {
+        Guard::Public => Ok(Caller::Open),
+        Guard::User | Guard::Admin => {
+            let keys = s.auth.api_keys()?;
+            if !keys.enabled() {
+                return Ok(Caller::Open);
+            }
+            let key = header(h, "x-admin-api-key")
+                .or_else(|| header(h, "x-api-key"))
+                .or_else(|| header(h, "authorization").and_then(|a| a.strip_prefix("Bearer ")));
+            if key.is_none() && header(h, "x-worker-token").is_some() {
+                return Err(stacyvm_auth::AuthError::WrongKind.into());
+            }
+            let role = keys.role(key)?;
+            if guard == Guard::Admin && role != stacyvm_auth::Role::Admin {
+                return Err(stacyvm_auth::AuthError::AdminRequired.into());
+            }
+            Ok(Caller::Role(role))
+        }
+        Guard::Worker => {
+            let wa = s.auth.worker_auth()?;
+            if !wa.configured() {
+                return Ok(Caller::Open);
+            }
+            let worker_id = header(h, "x-worker-id").unwrap_or("");
+            let token = worker_token(h);
+            // Revocation: the configured list plus the replicated one.
+            let revoked_jti = match token.map(stacyvm_auth::token::decode_unverified) {
+                Some(Ok(c))
+                    if s.replica
+                        .store()
+                        .is_token_revoked(&c.jti)
+                        .await
+                        .unwrap_or(true) =>
+                {
+                    Some(c.jti)
+                }
+                _ => None,
+            };
+            let now = Ts::now().micros() / 1_000_000;
+            let id = wa.authenticate(worker_id, token, now, "worker:heartbeat", &|j| {
+                revoked_jti.as_deref() == Some(j)
+            })?;
+            Ok(Caller::Worker(id))
+        }
+    }
+}
+
 /// The router for one replica.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -268,6 +429,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::sandbox_api::local_routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), envelope))
         .with_state(state)
 }

@@ -1035,8 +1035,32 @@ async fn heartbeat(
     State(s): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    axum::Extension(caller): axum::Extension<crate::api::Caller>,
     ApiJson(req): ApiJson<wire::HeartbeatRequest>,
 ) -> Result<Json<wire::HeartbeatReply>, ApiError> {
+    // The credential names the worker (X-Worker-ID); the path must agree,
+    // and renewing leases needs `worker:lease`.
+    let identity = match &caller {
+        crate::api::Caller::Worker(w) => Some(w.clone()),
+        _ => None,
+    };
+    if let Some(w) = &identity {
+        if w.worker_id != id {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                codes::FORBIDDEN,
+                "credential is for another worker",
+            ));
+        }
+        if !req.leases.is_empty() && !w.scopes.contains("worker:lease") {
+            return Err(
+                stacyvm_auth::AuthError::Token(stacyvm_auth::TokenError::MissingScope(
+                    "worker:lease".into(),
+                ))
+                .into(),
+            );
+        }
+    }
     let named = headers
         .get(wire::WORKER_ID_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -1049,7 +1073,23 @@ async fn heartbeat(
         ));
     }
     match s.control.heartbeat(&id, req).await {
-        Ok(r) => Ok(Json(r)),
+        Ok(mut r) => {
+            let wa = s.auth.worker_auth()?;
+            // RPC verification keys go only to a worker whose credential is
+            // bound to its ID: the shared token could claim any ID.
+            if identity
+                .as_ref()
+                .is_some_and(stacyvm_auth::WorkerIdentity::is_bound)
+            {
+                r.rpc_keys = wa.rpc_keys(&id).iter().map(hex::encode).collect();
+            }
+            let mut revoked: Vec<String> = wa.revoked.iter().cloned().collect();
+            if let Ok(rows) = s.replica.store().list_revoked_tokens().await {
+                revoked.extend(rows.into_iter().map(|r| r.jti));
+            }
+            r.revoked_token_ids = revoked;
+            Ok(Json(r))
+        }
         Err(ControlError::NotLeader) => Err(ApiError::new(
             StatusCode::MISDIRECTED_REQUEST,
             codes::NOT_LEADER,
@@ -1057,6 +1097,117 @@ async fn heartbeat(
         )),
         Err(e) => Err(e.into()),
     }
+}
+
+// ---------------------------------------------------------------- worker tokens
+
+async fn issue_token(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<wire::IssueTokenRequest>,
+) -> Result<Response, ApiError> {
+    use stacyvm_auth::token;
+    wire::check_name("worker_id", &req.worker_id).map_err(|e| ApiError::bad_request(e.0))?;
+    let ttl = match &req.ttl {
+        Some(t) => t
+            .parse()
+            .map_err(|e| ApiError::bad_request(format!("ttl: {e}")))?,
+        None => Duration::from_secs(300),
+    };
+    if ttl.is_zero() || ttl.as_secs() > token::MAX_LIFETIME_S as u64 {
+        return Err(ApiError::bad_request("ttl must be between 1s and 15m"));
+    }
+    let audience = if req.audience.is_empty() {
+        token::AUD_CONTROL_PLANE.to_string()
+    } else {
+        req.audience.clone()
+    };
+    if audience != token::AUD_CONTROL_PLANE && audience != token::AUD_RPC {
+        return Err(ApiError::bad_request(format!(
+            "audience must be {} or {}",
+            token::AUD_CONTROL_PLANE,
+            token::AUD_RPC
+        )));
+    }
+    let scopes: Vec<&str> = if req.scopes.is_empty() {
+        vec!["worker:heartbeat", "worker:lease"]
+    } else {
+        req.scopes.iter().map(String::as_str).collect()
+    };
+    if let Some(bad) = scopes.iter().find(|s| !token::SCOPES.contains(s)) {
+        return Err(ApiError::bad_request(format!(
+            "unknown scope {bad:?}; known: {}",
+            token::SCOPES.join(", ")
+        )));
+    }
+    let wa = s.auth.worker_auth()?;
+    let now = Ts::now().micros() / 1_000_000;
+    let claims = token::claims_for(
+        &req.worker_id,
+        &audience,
+        &scopes,
+        now,
+        i64::try_from(ttl.as_secs()).unwrap_or(0),
+    );
+    let t = wa.issue(&claims).map_err(|e| match e {
+        token::TokenError::NoKey => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::UNAVAILABLE,
+            "no worker signing key is configured",
+        ),
+        e => ApiError::bad_request(e.to_string()),
+    })?;
+    let ts = |sec: i64| rfc3339(Ts(sec.saturating_mul(1_000_000)));
+    let out = wire::IssuedToken {
+        token: t,
+        token_id: claims.jti.clone(),
+        worker_id: claims.worker_id.clone(),
+        audience,
+        scopes: claims.scopes.clone(),
+        issued_at: ts(claims.iat),
+        expires_at: ts(claims.exp),
+    };
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+async fn revoke_token(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<wire::RevokeTokenRequest>,
+) -> Result<Json<StatusReply>, ApiError> {
+    if req.token_id.is_empty()
+        || req.token_id.len() > 128
+        || !req.token_id.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(ApiError::bad_request(
+            "token_id must be 1 to 128 printable characters",
+        ));
+    }
+    let now = Ts::now();
+    let row = stacyvm_store::RevokedToken {
+        jti: req.token_id,
+        reason: req.reason.chars().take(500).collect(),
+        revoked_at: now,
+        // No token outlives 15 minutes (+ skew): the row can go after that.
+        expires_at: now.plus_millis(
+            (stacyvm_auth::token::MAX_LIFETIME_S + stacyvm_auth::token::SKEW_S) * 1000,
+        ),
+    };
+    s.write_one(Mutation::RevokeToken(row)).await?;
+    Ok(Json(StatusReply {
+        status: "revoked".into(),
+    }))
+}
+
+async fn revoked_tokens(
+    State(s): State<AppState>,
+    Query(q): Query<ReadQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.before_read(&q).await?;
+    let rows = s.replica.store().list_revoked_tokens().await?;
+    let ids: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|r| serde_json::json!({"token_id": r.jti, "reason": r.reason, "revoked_at": rfc3339(r.revoked_at), "expires_at": rfc3339(r.expires_at)}))
+        .collect();
+    Ok(Json(serde_json::json!({ "revoked": ids })))
 }
 
 // ---------------------------------------------------------------- events, metrics
@@ -1243,6 +1394,9 @@ pub fn local_routes() -> Router<AppState> {
             get(quota_get).put(quota_put).delete(quota_delete),
         )
         .route("/api/v1/worker/{id}/heartbeat", post(heartbeat))
+        .route("/api/v1/admin/worker-tokens", post(issue_token))
+        .route("/api/v1/admin/worker-tokens/revoke", post(revoke_token))
+        .route("/api/v1/admin/worker-tokens/revoked", get(revoked_tokens))
         .route("/api/v1/events", get(events))
         .route("/api/v1/metrics/prometheus", get(prometheus))
         .route("/metrics", get(prometheus))

@@ -69,6 +69,9 @@ pub struct ServeArgs {
     pub shared_database: bool,
     #[command(flatten)]
     pub control: ControlArgs,
+    /// Configuration file (YAML): credentials (`auth.*`), worker RPC TLS.
+    #[arg(long, env = "STACYVM_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 /// Sandbox control knobs of `stacyvm serve`.
@@ -214,7 +217,11 @@ fn store_config(args: &ServeArgs) -> Result<StoreConfig, CliError> {
 }
 
 /// Asks a member to add this node, retrying while the member starts.
-async fn join_via(member: &str, req: &JoinRequest) -> Result<JoinResponse, CliError> {
+async fn join_via(
+    member: &str,
+    req: &JoinRequest,
+    admin_key: Option<&str>,
+) -> Result<JoinResponse, CliError> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -222,7 +229,11 @@ async fn join_via(member: &str, req: &JoinRequest) -> Result<JoinResponse, CliEr
     let url = format!("http://{member}/api/v1/cluster/join");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let attempt = http.post(&url).json(req).send().await;
+        let mut b = http.post(&url).json(req);
+        if let Some(k) = admin_key {
+            b = b.header("x-admin-api-key", k);
+        }
+        let attempt = b.send().await;
         match attempt {
             Ok(resp) if resp.status().is_success() => {
                 return resp
@@ -299,8 +310,9 @@ pub fn services(
     cluster_id: String,
     node_id: u64,
     cfg: crate::control::ControlConfig,
+    auth: Arc<crate::config::AuthSources>,
 ) -> Result<Services, CliError> {
-    let control = crate::control::Control::new(replica.clone(), cfg)
+    let control = crate::control::Control::new(replica.clone(), cfg, auth.clone())
         .map_err(|e| CliError::Failed(e.to_string()))?;
     let events = crate::events::Events::start(&replica);
     let loops = tokio::spawn(control.clone().run_leader_loops());
@@ -317,6 +329,7 @@ pub fn services(
         control: control.clone(),
         events,
         forwarder,
+        auth,
     };
     Ok(Services {
         control,
@@ -331,6 +344,17 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         return Err(CliError::Usage("--id must be at least 1".into()));
     }
     let control_cfg = args.control.config()?;
+    let file_cfg = crate::config::FileConfig::load_optional(args.config.as_deref())
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let auth = Arc::new(
+        crate::config::AuthSources::from_config(&file_cfg)
+            .map_err(|e| CliError::Usage(e.to_string()))?,
+    );
+    let admin_key = auth
+        .api_keys()
+        .ok()
+        .and_then(|k| k.admin_api_key)
+        .map(|k| k.expose().to_string());
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| CliError::Failed(format!("cannot create {}: {e}", args.data_dir.display())))?;
     let found = identity::load(&args.data_dir).map_err(|e| CliError::Failed(e.to_string()))?;
@@ -410,7 +434,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
                 raft_addr: me.raft_addr.clone(),
                 api_addr: me.api_addr.clone(),
             };
-            join_via(&member, &req).await?.cluster_id
+            join_via(&member, &req, admin_key.as_deref())
+                .await?
+                .cluster_id
         }
     };
     identity::save(
@@ -425,7 +451,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let listener = tokio::net::TcpListener::bind(args.api_addr)
         .await
         .map_err(|e| CliError::Failed(format!("cannot listen on {}: {e}", args.api_addr)))?;
-    let services = services(replica.clone(), cluster_id.clone(), args.id, control_cfg)?;
+    let services = services(
+        replica.clone(),
+        cluster_id.clone(),
+        args.id,
+        control_cfg,
+        auth,
+    )?;
     eprintln!(
         "stacyvm node {} serving: api http://{} raft {} cluster {}",
         args.id, args.api_addr, args.raft_addr, cluster_id

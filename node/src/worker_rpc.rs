@@ -54,6 +54,10 @@ pub struct Target {
     pub rpc_url: String,
     pub generation: i64,
     pub request_id: String,
+    /// Signed `worker:rpc` token bound to this worker (sent as Bearer).
+    pub signed_token: Option<String>,
+    /// The worker's static token (sent as `X-Worker-Token`).
+    pub static_token: Option<String>,
 }
 
 /// HTTP client for worker RPC.
@@ -98,6 +102,12 @@ impl WorkerRpc {
             .header(WORKER_ID_HEADER, &t.worker_id)
             .header(GENERATION_HEADER, t.generation.to_string())
             .header("x-request-id", &t.request_id);
+        if let Some(tok) = &t.signed_token {
+            b = b.bearer_auth(tok);
+        }
+        if let Some(tok) = &t.static_token {
+            b = b.header("x-worker-token", tok);
+        }
         if let Some(d) = timeout {
             b = b.timeout(d);
         }

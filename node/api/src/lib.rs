@@ -399,6 +399,13 @@ pub struct HeartbeatReply {
     pub lost: Vec<HeldLease>,
     pub lease_ttl_ms: i64,
     pub heartbeat_interval_ms: i64,
+    /// This worker's RPC verification keys (hex), active first; sent only to
+    /// a worker whose credential is bound to its ID.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rpc_keys: Vec<String>,
+    /// Revoked token IDs the worker must refuse on RPC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_token_ids: Vec<String>,
 }
 
 // ---------------------------------------------------------------- worker RPC
@@ -440,6 +447,46 @@ pub struct RpcSandbox {
 /// `POST {rpc_url}/rpc/v1/sandboxes/{id}/exec`: `ExecRequest` fields, minus
 /// `stream` (the route decides).
 pub type RpcExec = ExecRequest;
+
+// ---------------------------------------------------------------- worker identity
+
+/// `POST /api/v1/admin/worker-tokens` (admin only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueTokenRequest {
+    pub worker_id: String,
+    /// At most 15 minutes; default 5 minutes.
+    #[serde(default)]
+    pub ttl: Option<DurationValue>,
+    /// Default: `worker:heartbeat` and `worker:lease`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// `worker:control-plane` (default) or `worker:rpc`.
+    #[serde(default)]
+    pub audience: String,
+}
+
+/// A freshly issued signed worker token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedToken {
+    pub token: String,
+    pub token_id: String,
+    pub worker_id: String,
+    pub audience: String,
+    pub scopes: Vec<String>,
+    pub issued_at: String,
+    pub expires_at: String,
+}
+
+/// `POST /api/v1/admin/worker-tokens/revoke` (admin only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeTokenRequest {
+    /// The token's `jti`.
+    pub token_id: String,
+    #[serde(default)]
+    pub reason: String,
+}
 
 // ---------------------------------------------------------------- events
 

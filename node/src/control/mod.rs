@@ -206,6 +206,7 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct Control {
     replica: Arc<Replica>,
+    auth: Arc<crate::config::AuthSources>,
     pub cfg: ControlConfig,
     pub rpc: WorkerRpc,
     leader: std::sync::Mutex<Option<LeaderState>>,
@@ -250,9 +251,14 @@ pub struct SpawnPlan {
 }
 
 impl Control {
-    pub fn new(replica: Arc<Replica>, cfg: ControlConfig) -> Result<Arc<Self>, reqwest::Error> {
+    pub fn new(
+        replica: Arc<Replica>,
+        cfg: ControlConfig,
+        auth: Arc<crate::config::AuthSources>,
+    ) -> Result<Arc<Self>, reqwest::Error> {
         Ok(Arc::new(Control {
             replica,
+            auth,
             cfg,
             rpc: WorkerRpc::new()?,
             leader: std::sync::Mutex::new(None),
@@ -265,6 +271,42 @@ impl Control {
 
     pub fn replica(&self) -> &Arc<Replica> {
         &self.replica
+    }
+
+    /// Where and how to call a worker: a signed RPC token bound to that
+    /// worker (when a signing key is configured) and the worker's static
+    /// token (per-worker, else shared) when one exists; the worker accepts
+    /// either.
+    pub fn target(
+        &self,
+        worker_id: &str,
+        rpc_url: &str,
+        generation: i64,
+        request_id: &str,
+    ) -> Target {
+        let (signed, static_token) = match self.auth.worker_auth() {
+            Ok(wa) => {
+                let now = Ts::now().micros() / 1_000_000;
+                let st = wa
+                    .worker_tokens
+                    .get(worker_id)
+                    .or(wa.shared_token.as_ref())
+                    .map(|t| t.expose().to_string());
+                (wa.mint_rpc(worker_id, now), st)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "worker credentials unusable; calling without");
+                (None, None)
+            }
+        };
+        Target {
+            worker_id: worker_id.to_string(),
+            rpc_url: rpc_url.to_string(),
+            generation,
+            request_id: request_id.to_string(),
+            signed_token: signed,
+            static_token,
+        }
     }
 
     fn store(&self) -> &Arc<dyn Store> {
@@ -677,12 +719,7 @@ impl Control {
             self.revoke_and_destroy(&id, true).await;
             return Err(e.into());
         }
-        let target = Target {
-            worker_id: worker_id.to_string(),
-            rpc_url: worker.rpc_url.clone(),
-            generation: lease.generation,
-            request_id: request_id.to_string(),
-        };
+        let target = self.target(worker_id, &worker.rpc_url, lease.generation, request_id);
         let req = RpcSpawn {
             sandbox_id: id.clone(),
             image: plan.image.clone(),
@@ -797,12 +834,7 @@ impl Control {
         if let Some(l) = &lease {
             let worker = self.with_leader(|s| s.workers.get(&l.holder_id).cloned())?;
             if let Some(w) = worker.filter(|w| w.status != WorkerStatus::Offline) {
-                let t = Target {
-                    worker_id: w.id.clone(),
-                    rpc_url: w.rpc_url.clone(),
-                    generation: l.generation,
-                    request_id: request_id.to_string(),
-                };
+                let t = self.target(&w.id, &w.rpc_url, l.generation, request_id);
                 match self.rpc.destroy(&t, id).await {
                     Ok(()) => {}
                     Err(e) if e.is_not_found() => {}
@@ -898,12 +930,7 @@ impl Control {
                 e => e.into(),
             })?;
         Ok(Route {
-            target: Target {
-                worker_id: worker.id,
-                rpc_url: worker.rpc_url,
-                generation: lease.generation,
-                request_id: request_id.to_string(),
-            },
+            target: self.target(&worker.id, &worker.rpc_url, lease.generation, request_id),
             sandbox: sb,
         })
     }
@@ -1027,6 +1054,8 @@ impl Control {
             lost: conv(outcome.lost),
             lease_ttl_ms: self.cfg.lease_ttl_ms(),
             heartbeat_interval_ms: ms(self.cfg.heartbeat),
+            rpc_keys: Vec::new(),
+            revoked_token_ids: Vec::new(),
         })
     }
 
@@ -1303,12 +1332,7 @@ impl Control {
                     let listed =
                         match workers.get(&sb.worker_id) {
                             Some(w) => {
-                                let t = Target {
-                                    worker_id: w.id.clone(),
-                                    rpc_url: w.rpc_url.clone(),
-                                    generation: 0,
-                                    request_id: "reconcile".into(),
-                                };
+                                let t = self.target(&w.id, &w.rpc_url, 0, "reconcile");
                                 self.rpc.list(&t).await.ok().map(|v| {
                                     v.into_iter().map(|r| (r.sandbox_id.clone(), r)).collect()
                                 })

@@ -298,9 +298,19 @@ async fn stale_generation_rpc_is_refused() {
 /// 2 s of its election, and sandboxes keep working throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn worker_reattaches_after_leader_change() {
-    let mut plane = Plane::start(3, StoreDriver::Sqlite, fast())
-        .await
-        .expect("plane");
+    let mut plane = Plane::start(
+        3,
+        StoreDriver::Sqlite,
+        // Leases long enough to outlive a failover (as in production, where
+        // they are 10 s against a ~1 s failover); the 1.5 s test default
+        // would make the worker fence itself during the election.
+        stacyvm_node::control::ControlConfig {
+            lease_ttl: Duration::from_secs(6),
+            ..fast()
+        },
+    )
+    .await
+    .expect("plane");
     let a = W::start("worker-a", plane.apis(), Duration::from_millis(500)).await;
     let c = plane.client();
     workers_online(&c, 1).await;
@@ -340,7 +350,8 @@ async fn worker_reattaches_after_leader_change() {
         .await
         .expect("exec");
     assert_eq!(r.stdout, "alive\n");
-    tokio::time::sleep(Duration::from_secs(2)).await; // past a lease TTL: renewals flow to the new leader
+    // Past a whole lease TTL: only renewals through the new leader keep it alive.
+    tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(
         a.running_here().await,
         vec![sb.id.clone()],

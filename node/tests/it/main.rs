@@ -2,6 +2,7 @@
 
 mod cluster_process;
 mod db;
+mod identity;
 mod liveness;
 mod plane;
 mod reconcile;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use stacyvm_client::Client;
 use stacyvm_node::agent::{self, Agent, LoopConfig, Mode};
+use stacyvm_node::config::AuthSources;
 use stacyvm_node::control::{Control, ControlConfig};
 use stacyvm_raft::certs::TestCa;
 use stacyvm_raft::replica::{RaftTiming, Replica, ReplicaConfig};
@@ -42,6 +43,7 @@ pub fn fast() -> ControlConfig {
 
 /// One in-process replica.
 pub struct Cp {
+    auth: Arc<AuthSources>,
     pub replica: Option<Arc<Replica>>,
     pub control: Arc<Control>,
     pub api: String,
@@ -52,6 +54,11 @@ pub struct Cp {
 }
 
 impl Cp {
+    /// The worker credential rules this replica checks.
+    pub fn control_auth(&self) -> stacyvm_auth::WorkerAuth {
+        self.auth.worker_auth().expect("auth")
+    }
+
     pub fn r(&self) -> &Arc<Replica> {
         self.replica.as_ref().expect("replica running")
     }
@@ -65,6 +72,16 @@ pub struct Plane {
 
 impl Plane {
     pub async fn start(n: u64, driver: StoreDriver, cfg: ControlConfig) -> Option<Plane> {
+        Self::start_with(n, driver, cfg, Arc::new(AuthSources::default())).await
+    }
+
+    /// A plane whose replicas check these credentials.
+    pub async fn start_with(
+        n: u64,
+        driver: StoreDriver,
+        cfg: ControlConfig,
+        auth: Arc<AuthSources>,
+    ) -> Option<Plane> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let ca = TestCa::new().expect("ca");
         let mut members = BTreeMap::new();
@@ -100,14 +117,20 @@ impl Plane {
                 .await
                 .expect("start replica"),
             );
-            let svc =
-                stacyvm_node::serve::services(replica.clone(), "c-test".into(), id, cfg.clone())
-                    .expect("services");
+            let svc = stacyvm_node::serve::services(
+                replica.clone(),
+                "c-test".into(),
+                id,
+                cfg.clone(),
+                auth.clone(),
+            )
+            .expect("services");
             let app = svc.app;
             let server = tokio::spawn(async move {
                 let _ = axum::serve(listener, app).await;
             });
             cps.push(Cp {
+                auth: auth.clone(),
                 replica: Some(replica),
                 control: svc.control,
                 api: info.api_addr.clone(),
@@ -221,6 +244,24 @@ impl W {
         .await
     }
 
+    /// A worker presenting `credential` to the control plane.
+    pub async fn start_with_credential(
+        id: &str,
+        bootstrap: Vec<String>,
+        credential: stacyvm_node::config::SecretSource,
+    ) -> W {
+        let state = tempfile::tempdir().expect("tempdir");
+        Self::start_full(
+            id,
+            bootstrap,
+            Duration::from_millis(500),
+            state,
+            None,
+            Some(credential),
+        )
+        .await
+    }
+
     /// Starts on an existing state directory (a restart), optionally on a fixed RPC address.
     pub async fn start_in(
         id: &str,
@@ -229,6 +270,17 @@ impl W {
         state: tempfile::TempDir,
         addr: Option<SocketAddr>,
     ) -> W {
+        Self::start_full(id, bootstrap, safety_margin, state, addr, None).await
+    }
+
+    async fn start_full(
+        id: &str,
+        bootstrap: Vec<String>,
+        safety_margin: Duration,
+        state: tempfile::TempDir,
+        addr: Option<SocketAddr>,
+        credential: Option<stacyvm_node::config::SecretSource>,
+    ) -> W {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -236,7 +288,7 @@ impl W {
             .expect("worker runtime");
         let runtimes =
             agent::build_runtimes(&["mock".to_string()], state.path()).expect("runtimes");
-        let agent = Agent::new(id.to_string(), runtimes, safety_margin, 0);
+        let agent = Agent::with_credential(id.to_string(), runtimes, safety_margin, 0, credential);
         let a2 = agent.clone();
         rt.spawn(async move { a2.adopt().await })
             .await
