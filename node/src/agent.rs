@@ -71,6 +71,15 @@ pub struct WorkerArgs {
     /// externally rotated signed tokens).
     #[arg(long, env = "STACYVM_AUTH_WORKER_TOKEN_FILE")]
     pub worker_token_file: Option<PathBuf>,
+    /// Serve RPC over mutual TLS with this certificate (it must carry
+    /// `worker-<id>.stacyvm.internal`: `stacyvm certs issue worker --id ID`).
+    #[arg(long, requires_all = ["rpc_tls_key", "rpc_tls_client_ca"])]
+    pub rpc_tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub rpc_tls_key: Option<PathBuf>,
+    /// CA of the control plane's client certificates (the cluster CA).
+    #[arg(long)]
+    pub rpc_tls_client_ca: Option<PathBuf>,
     /// This worker's ID (default: the host name).
     #[arg(long, env = "STACYVM_WORKER_ID")]
     pub id: Option<String>,
@@ -1080,6 +1089,41 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
+/// Serves the worker RPC on `listener` until `shutdown` resolves: plain HTTP,
+/// or mutual TLS when `tls` is given (see [`crate::rpc_tls`]).
+pub async fn serve_rpc(
+    listener: std::net::TcpListener,
+    agent: Arc<Agent>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let app = router(agent);
+    match tls {
+        Some(cfg) => {
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                h.graceful_shutdown(Some(Duration::from_secs(5)));
+            });
+            axum_server::from_tcp_rustls(
+                listener,
+                axum_server::tls_rustls::RustlsConfig::from_config(cfg),
+            )?
+            .handle(handle)
+            .serve(app.into_make_service())
+            .await
+        }
+        None => {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+}
+
 /// Finds and follows the leader: heartbeats to it, re-attaching after an
 /// election by asking any bootstrap replica who leads now.
 #[derive(Debug)]
@@ -1366,25 +1410,37 @@ pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
             "no runtime passed its health check; nothing to offer".into(),
         ));
     }
-    let listener = tokio::net::TcpListener::bind(args.rpc_addr)
-        .await
-        .map_err(|e| {
-            CliError::Failed(format!(
-                "cannot bind the RPC address {}: {e}",
-                args.rpc_addr
-            ))
-        })?;
+    let tls = match (
+        &args.rpc_tls_cert,
+        &args.rpc_tls_key,
+        &args.rpc_tls_client_ca,
+    ) {
+        (Some(c), Some(k), Some(ca)) => Some(
+            crate::rpc_tls::server_config(&id, c, k, ca)
+                .map_err(|e| CliError::Usage(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let listener = std::net::TcpListener::bind(args.rpc_addr).map_err(|e| {
+        CliError::Failed(format!(
+            "cannot bind the RPC address {}: {e}",
+            args.rpc_addr
+        ))
+    })?;
     let local = listener
         .local_addr()
         .map_err(|e| CliError::Failed(e.to_string()))?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let rpc_url = args
         .advertise_url
         .clone()
-        .unwrap_or_else(|| format!("http://{local}"));
-    let server = tokio::spawn({
-        let app = router(agent.clone());
-        async move { axum::serve(listener, app).await }
-    });
+        .unwrap_or_else(|| format!("{scheme}://{local}"));
+    let server = tokio::spawn(serve_rpc(
+        listener,
+        agent.clone(),
+        tls,
+        std::future::pending(),
+    ));
     eprintln!(
         "worker {id}: RPC on {rpc_url}, runtimes {advertised:?}, bootstrap {:?}",
         args.bootstrap

@@ -117,6 +117,25 @@ pub enum IssueCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A worker's RPC server certificate (SAN worker-<ID>.stacyvm.internal).
+    Worker {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A control-plane client certificate for worker RPC (SANs
+    /// client-<NAME>.stacyvm.internal and control-plane.stacyvm.internal).
+    Client {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Which database a command opens.
@@ -288,6 +307,16 @@ fn run_certs(cmd: CertsCommand) -> Result<(), CliError> {
             }
             certs::issue_node(&ca, id, &out).map_err(refuse)?;
             println!("node {id} certificate written to {}", out.display());
+        }
+        CertsCommand::Issue(IssueCommand::Worker { id, ca, out }) => {
+            stacyvm_api::check_name("worker id", &id).map_err(|e| CliError::Usage(e.0))?;
+            let (cert, _) = certs::issue_worker(&ca, &id, &out).map_err(refuse)?;
+            println!("worker {id} certificate written to {}", cert.display());
+        }
+        CertsCommand::Issue(IssueCommand::Client { name, ca, out }) => {
+            stacyvm_api::check_name("client name", &name).map_err(|e| CliError::Usage(e.0))?;
+            let (cert, _) = certs::issue_client(&ca, &name, &out).map_err(refuse)?;
+            println!("client {name} certificate written to {}", cert.display());
         }
     }
     Ok(())

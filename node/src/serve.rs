@@ -72,6 +72,15 @@ pub struct ServeArgs {
     /// Configuration file (YAML): credentials (`auth.*`), worker RPC TLS.
     #[arg(long, env = "STACYVM_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Call workers with `https://` RPC URLs over mutual TLS: the CA that
+    /// signs worker certificates...
+    #[arg(long, requires_all = ["worker_rpc_client_cert", "worker_rpc_client_key"])]
+    pub worker_rpc_ca: Option<PathBuf>,
+    /// ...and this replica's client certificate (`stacyvm certs issue client`).
+    #[arg(long)]
+    pub worker_rpc_client_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub worker_rpc_client_key: Option<PathBuf>,
 }
 
 /// Sandbox control knobs of `stacyvm serve`.
@@ -343,13 +352,40 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if args.id == 0 {
         return Err(CliError::Usage("--id must be at least 1".into()));
     }
-    let control_cfg = args.control.config()?;
+    let mut control_cfg = args.control.config()?;
     let file_cfg = crate::config::FileConfig::load_optional(args.config.as_deref())
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let auth = Arc::new(
         crate::config::AuthSources::from_config(&file_cfg)
             .map_err(|e| CliError::Usage(e.to_string()))?,
     );
+    let t = &file_cfg.worker.rpc_tls;
+    let tls_files = match (
+        &args.worker_rpc_ca,
+        &args.worker_rpc_client_cert,
+        &args.worker_rpc_client_key,
+    ) {
+        (Some(a), Some(b), Some(c)) => Some((a.clone(), b.clone(), c.clone())),
+        _ => match (
+            t.enabled,
+            &t.ca_file,
+            &t.client_cert_file,
+            &t.client_key_file,
+        ) {
+            (true, Some(a), Some(b), Some(c)) => Some((a.into(), b.into(), c.into())),
+            (true, ..) => {
+                return Err(CliError::Usage(
+                    "worker.rpc_tls.enabled needs ca_file, client_cert_file and client_key_file on a replica".into(),
+                ));
+            }
+            _ => None,
+        },
+    };
+    if let Some((ca, cert, key)) = tls_files {
+        let c = crate::rpc_tls::RpcTlsClient::load(&ca, &cert, &key)
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        control_cfg.rpc_tls = Some(Arc::new(c));
+    }
     let admin_key = auth
         .api_keys()
         .ok()

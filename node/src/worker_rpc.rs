@@ -65,11 +65,22 @@ pub struct Target {
 pub struct WorkerRpc {
     http: reqwest::Client,
     stream_http: reqwest::Client,
+    /// Mutual TLS towards workers that advertise `https://` RPC URLs.
+    tls: Option<std::sync::Arc<crate::rpc_tls::RpcTlsClient>>,
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl WorkerRpc {
+    /// With mutual TLS for workers whose RPC URL is `https://`.
+    pub fn with_tls(
+        tls: Option<std::sync::Arc<crate::rpc_tls::RpcTlsClient>>,
+    ) -> Result<Self, reqwest::Error> {
+        let mut w = Self::new()?;
+        w.tls = tls;
+        Ok(w)
+    }
+
     pub fn new() -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
@@ -79,7 +90,11 @@ impl WorkerRpc {
             .connect_timeout(Duration::from_secs(2))
             .read_timeout(Duration::from_secs(120))
             .build()?;
-        Ok(WorkerRpc { http, stream_http })
+        Ok(WorkerRpc {
+            http,
+            stream_http,
+            tls: None,
+        })
     }
 
     fn request(
@@ -89,16 +104,33 @@ impl WorkerRpc {
         path: &str,
         timeout: Option<Duration>,
     ) -> reqwest::RequestBuilder {
-        let client = if timeout.is_some() {
-            &self.http
+        let streaming = timeout.is_none();
+        let mut client = if streaming {
+            self.stream_http.clone()
         } else {
-            &self.stream_http
+            self.http.clone()
         };
+        let mut base = t.rpc_url.trim_end_matches('/').to_string();
+        if let (Some(tls), Some(rest)) = (&self.tls, base.strip_prefix("https://")) {
+            // Call the worker by its certificate name, resolved to its address.
+            let addr =
+                std::net::ToSocketAddrs::to_socket_addrs(rest.split('/').next().unwrap_or(rest))
+                    .ok()
+                    .and_then(|mut a| a.next());
+            if let Some(addr) = addr {
+                match tls.client_for(&t.worker_id, addr, streaming) {
+                    Ok((c, b)) => {
+                        client = c;
+                        base = b;
+                    }
+                    Err(e) => {
+                        tracing::error!(worker = %t.worker_id, error = %e, "cannot build the mTLS client")
+                    }
+                }
+            }
+        }
         let mut b = client
-            .request(
-                method,
-                format!("{}/rpc/v1{path}", t.rpc_url.trim_end_matches('/')),
-            )
+            .request(method, format!("{base}/rpc/v1{path}"))
             .header(WORKER_ID_HEADER, &t.worker_id)
             .header(GENERATION_HEADER, t.generation.to_string())
             .header("x-request-id", &t.request_id);

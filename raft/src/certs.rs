@@ -169,10 +169,56 @@ pub fn init_ca(out_dir: &Path) -> Result<(), CertError> {
 /// and client auth usages, because every replica is both. Refuses to
 /// overwrite existing files.
 pub fn issue_node(ca_dir: &Path, id: u64, out_dir: &Path) -> Result<(), CertError> {
+    let paths = CertPaths::node(ca_dir, out_dir, id);
+    issue_files(ca_dir, &[node_dns_name(id)], &paths.cert, &paths.key)
+}
+
+/// The DNS name every control-plane RPC client certificate carries, besides
+/// its own `client-<name>` name; workers accept RPC only from certificates
+/// valid for it (a worker's certificate is not).
+pub const CONTROL_PLANE_DNS: &str = "control-plane.stacyvm.internal";
+
+/// Issues worker `id`'s certificate (`worker-<id>.pem`, `worker-<id>-key.pem`)
+/// with DNS SAN `worker-<id>.stacyvm.internal`: the name the control plane
+/// checks when it calls that worker's RPC. Refuses to overwrite.
+pub fn issue_worker(
+    ca_dir: &Path,
+    id: &str,
+    out_dir: &Path,
+) -> Result<(PathBuf, PathBuf), CertError> {
+    let cert = out_dir.join(format!("worker-{id}.pem"));
+    let key = out_dir.join(format!("worker-{id}-key.pem"));
+    issue_files(ca_dir, &[worker_dns_name(id)], &cert, &key)?;
+    Ok((cert, key))
+}
+
+/// Issues a control-plane client certificate (`client-<name>.pem`, key) with
+/// DNS SANs `client-<name>.stacyvm.internal` and [`CONTROL_PLANE_DNS`].
+pub fn issue_client(
+    ca_dir: &Path,
+    name: &str,
+    out_dir: &Path,
+) -> Result<(PathBuf, PathBuf), CertError> {
+    let cert = out_dir.join(format!("client-{name}.pem"));
+    let key = out_dir.join(format!("client-{name}-key.pem"));
+    issue_files(
+        ca_dir,
+        &[client_dns_name(name), CONTROL_PLANE_DNS.to_string()],
+        &cert,
+        &key,
+    )?;
+    Ok((cert, key))
+}
+
+fn issue_files(
+    ca_dir: &Path,
+    names: &[String],
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), CertError> {
     let ca_cert_path = ca_dir.join(CA_CERT_FILE);
     let ca_key_path = ca_dir.join(CA_KEY_FILE);
-    let paths = CertPaths::node(ca_dir, out_dir, id);
-    refuse_existing(&[&paths.cert, &paths.key])?;
+    refuse_existing(&[cert_path, key_path])?;
 
     let ca_certs = read_certs(&ca_cert_path)?;
     let ca_key_pem = read_file(&ca_key_path)?;
@@ -183,24 +229,25 @@ pub fn issue_node(ca_dir: &Path, id: u64, out_dir: &Path) -> Result<(), CertErro
         path: ca_key_path.clone(),
     })?;
     let issuer = Issuer::new(ca_params()?, ca_key);
-    let (cert, key) = issue_leaf(&issuer, &node_dns_name(id))?;
+    let (cert, key) = issue_leaf_names(&issuer, names)?;
 
     // Checking before writing means a CA directory whose key and certificate
     // do not belong together (or a CA not made by `init_ca`) fails here, with
-    // the CA named, instead of producing a node certificate nobody accepts.
+    // the CA named, instead of producing a certificate nobody accepts.
     let chain = [CertificateDer::from(cert.der().to_vec())];
     verify_chain(&chain, &ca_certs).map_err(|reason| CertError::Untrusted {
         path: ca_key_path.clone(),
         ca_path: ca_cert_path.clone(),
         reason: format!("the CA key and CA certificate do not match: {reason}"),
     })?;
-
-    std::fs::create_dir_all(out_dir).map_err(|source| CertError::Io {
-        path: out_dir.to_path_buf(),
-        action: "create the directory",
-        source,
-    })?;
-    write_pair(&paths.cert, &cert.pem(), &paths.key, &key.serialize_pem())
+    if let Some(dir) = cert_path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
+            path: dir.to_path_buf(),
+            action: "create the directory",
+            source,
+        })?;
+    }
+    write_pair(cert_path, &cert.pem(), key_path, &key.serialize_pem())
 }
 
 /// Everything a replica needs for mutual TLS: the cluster CA certificates it
@@ -393,7 +440,15 @@ fn issue_leaf(
     issuer: &Issuer<'_, KeyPair>,
     dns_name: &str,
 ) -> Result<(rcgen::Certificate, KeyPair), CertError> {
-    let mut params = CertificateParams::new(vec![dns_name.to_string()])?;
+    issue_leaf_names(issuer, &[dns_name.to_string()])
+}
+
+fn issue_leaf_names(
+    issuer: &Issuer<'_, KeyPair>,
+    names: &[String],
+) -> Result<(rcgen::Certificate, KeyPair), CertError> {
+    let dns_name = names.first().cloned().unwrap_or_default();
+    let mut params = CertificateParams::new(names.to_vec())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, dns_name);
     params
@@ -548,6 +603,17 @@ impl TestCa {
     /// This CA's certificate.
     pub fn cert(&self) -> &CertificateDer<'static> {
         &self.cert
+    }
+
+    /// A certificate and key for several DNS names (a control-plane client:
+    /// its own name and [`CONTROL_PLANE_DNS`]).
+    pub fn issue_names(
+        &self,
+        names: &[String],
+    ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), CertError> {
+        let (cert, key) = issue_leaf_names(&self.issuer, names)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((cert.der().clone(), key))
     }
 
     /// A certificate and key for an arbitrary DNS name (for example a worker

@@ -64,6 +64,8 @@ pub struct ControlConfig {
     pub default_runtime: String,
     pub default_memory_mb: i64,
     pub default_vcpus: i64,
+    /// Mutual TLS for worker RPC (workers with `https://` RPC URLs).
+    pub rpc_tls: Option<Arc<crate::rpc_tls::RpcTlsClient>>,
 }
 
 impl Default for ControlConfig {
@@ -86,6 +88,7 @@ impl Default for ControlConfig {
             default_runtime: "mock".into(),
             default_memory_mb: 512,
             default_vcpus: 1,
+            rpc_tls: None,
         }
     }
 }
@@ -256,11 +259,12 @@ impl Control {
         cfg: ControlConfig,
         auth: Arc<crate::config::AuthSources>,
     ) -> Result<Arc<Self>, reqwest::Error> {
+        let rpc = WorkerRpc::with_tls(cfg.rpc_tls.clone())?;
         Ok(Arc::new(Control {
             replica,
             auth,
             cfg,
-            rpc: WorkerRpc::new()?,
+            rpc,
             leader: std::sync::Mutex::new(None),
             init: tokio::sync::Mutex::new(()),
             capacity: Notify::new(),

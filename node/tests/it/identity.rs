@@ -375,3 +375,146 @@ async fn remote_spawn_over_signed_rpc_without_a_shared_token() {
     w.cleanup().await;
     plane.shutdown().await;
 }
+
+/// Worker RPC over mutual TLS with certificates from the cluster CA: a real
+/// client-authenticated request works; no client certificate, a foreign CA,
+/// and another worker's certificate are refused; a worker certificate must
+/// name the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_rpc_mutual_tls() {
+    use rustls_pki_types::pem::PemObject;
+    use stacyvm_raft::certs;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = dir.path().join("ca");
+    certs::init_ca(&ca).expect("ca");
+    let (w_cert, w_key) = certs::issue_worker(&ca, "w-tls", dir.path()).expect("worker cert");
+    let (other_cert, other_key) =
+        certs::issue_worker(&ca, "w-other", dir.path()).expect("other worker cert");
+    let (c_cert, c_key) = certs::issue_client(&ca, "cp", dir.path()).expect("client cert");
+    let foreign = dir.path().join("foreign");
+    certs::init_ca(&foreign).expect("foreign ca");
+    let (f_cert, f_key) = certs::issue_client(&foreign, "cp", &foreign).expect("foreign client");
+    let ca_pem = ca.join("ca.pem");
+
+    // A worker certificate must carry the worker's own ID.
+    let wrong = stacyvm_node::rpc_tls::server_config("w-tls", &other_cert, &other_key, &ca_pem)
+        .expect_err("wrong identity");
+    assert!(wrong.to_string().contains("not for worker"), "{wrong}");
+
+    let tls_client =
+        stacyvm_node::rpc_tls::RpcTlsClient::load(&ca_pem, &c_cert, &c_key).expect("client");
+    let cfg = stacyvm_node::control::ControlConfig {
+        rpc_tls: Some(Arc::new(tls_client)),
+        ..fast()
+    };
+    let plane = Plane::start(1, StoreDriver::Sqlite, cfg)
+        .await
+        .expect("plane");
+    let server = stacyvm_node::rpc_tls::server_config("w-tls", &w_cert, &w_key, &ca_pem)
+        .expect("server config");
+    let w = W::start_tls("w-tls", plane.apis(), server).await;
+    assert!(w.rpc_url.starts_with("https://"));
+    let c = plane.client();
+    eventually(Duration::from_secs(5), "worker online", || async {
+        c.workers()
+            .await
+            .is_ok_and(|ws| ws.iter().any(|w| w.status == "online"))
+    })
+    .await;
+    // Spawn, exec and a file round trip, all over mutual TLS.
+    let sb = c
+        .spawn(&SpawnRequest {
+            image: "busybox".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("spawn over mTLS");
+    let r = c
+        .exec(
+            &sb.id,
+            &ExecRequest {
+                command: "echo tls".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("exec");
+    assert_eq!(r.stdout, "tls\n");
+    c.upload(
+        &sb.id,
+        "/workspace/t.bin",
+        || reqwest::Body::from(vec![7u8; 4096]),
+        None,
+    )
+    .await
+    .expect("upload");
+
+    // Direct calls with other client identities never get past the handshake.
+    let addr: std::net::SocketAddr = w
+        .rpc_url
+        .trim_start_matches("https://")
+        .parse()
+        .expect("addr");
+    let host = certs::worker_dns_name("w-tls");
+    let roots = {
+        let mut r = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_file_iter(&ca_pem).expect("pem") {
+            r.add(c.expect("cert")).expect("add");
+        }
+        r
+    };
+    let attempt = |client_auth: Option<(std::path::PathBuf, std::path::PathBuf)>| {
+        let builder = rustls::ClientConfig::builder().with_root_certificates(roots.clone());
+        let cfg = match client_auth {
+            Some((cert, key)) => {
+                let chain = rustls_pki_types::CertificateDer::pem_file_iter(&cert)
+                    .expect("pem")
+                    .map(|c| c.expect("cert"))
+                    .collect();
+                let key = <rustls_pki_types::PrivateKeyDer as rustls_pki_types::pem::PemObject>::from_pem_file(&key).expect("key");
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .expect("client auth")
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(cfg)
+            .resolve(&host, addr)
+            .build()
+            .expect("client");
+        let url = format!("https://{host}:{}/health", addr.port());
+        async move { client.get(url).send().await }
+    };
+    assert!(
+        attempt(Some((c_cert.clone(), c_key.clone())))
+            .await
+            .is_ok_and(|r| r.status() == 200),
+        "control-plane certificate accepted"
+    );
+    assert!(
+        attempt(None).await.is_err(),
+        "no client certificate: refused"
+    );
+    assert!(
+        attempt(Some((f_cert, f_key))).await.is_err(),
+        "foreign CA: refused"
+    );
+    assert!(
+        attempt(Some((other_cert, other_key))).await.is_err(),
+        "another worker's certificate: refused"
+    );
+    // Plain HTTP to the TLS port does not work either.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{addr}/health"))
+        .send()
+        .await;
+    assert!(
+        !plain.is_ok_and(|r| r.status().is_success()),
+        "plain HTTP refused"
+    );
+    c.destroy(&sb.id).await.expect("destroy");
+    w.cleanup().await;
+    plane.shutdown().await;
+}

@@ -258,6 +258,22 @@ impl W {
             state,
             None,
             Some(credential),
+            None,
+        )
+        .await
+    }
+
+    /// A worker serving RPC over mutual TLS.
+    pub async fn start_tls(id: &str, bootstrap: Vec<String>, tls: Arc<rustls::ServerConfig>) -> W {
+        let state = tempfile::tempdir().expect("tempdir");
+        Self::start_full(
+            id,
+            bootstrap,
+            Duration::from_millis(500),
+            state,
+            None,
+            None,
+            Some(tls),
         )
         .await
     }
@@ -270,7 +286,7 @@ impl W {
         state: tempfile::TempDir,
         addr: Option<SocketAddr>,
     ) -> W {
-        Self::start_full(id, bootstrap, safety_margin, state, addr, None).await
+        Self::start_full(id, bootstrap, safety_margin, state, addr, None, None).await
     }
 
     async fn start_full(
@@ -280,6 +296,7 @@ impl W {
         state: tempfile::TempDir,
         addr: Option<SocketAddr>,
         credential: Option<stacyvm_node::config::SecretSource>,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> W {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -296,16 +313,15 @@ impl W {
         let std_listener = StdListener::bind(addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))))
             .expect("bind rpc");
         std_listener.set_nonblocking(true).expect("nonblocking");
-        let rpc_url = format!("http://{}", std_listener.local_addr().expect("addr"));
-        let app = agent::router(agent.clone());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let rpc_url = format!("{scheme}://{}", std_listener.local_addr().expect("addr"));
         let (rpc_stop, mut rpc_rx) = tokio::sync::watch::channel(false);
+        let served = agent.clone();
         rt.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rpc_rx.wait_for(|stop| *stop).await;
-                })
-                .await;
+            let stop = async move {
+                let _ = rpc_rx.wait_for(|stop| *stop).await;
+            };
+            let _ = agent::serve_rpc(std_listener, served, tls, stop).await;
         });
         let (mode, rx) = tokio::sync::watch::channel(Mode::Run);
         let cfg = LoopConfig {
