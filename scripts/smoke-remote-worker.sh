@@ -3,7 +3,7 @@
 # `stacyvm worker` as separate processes on loopback, then
 # spawn -> running -> exec -> file round trip -> destroy, through the CLI.
 #
-#   scripts/smoke-remote-worker.sh [path/to/stacyvm]
+#   scripts/smoke-remote-worker.sh [path/to/stacyvm] [--mtls]
 #   STACYVM_REMOTE_SMOKE_DATABASE_DRIVER=sqlite|postgres   (default sqlite)
 #   STACYVM_REMOTE_SMOKE_DATABASE_DSN=postgres://...       (postgres: a server DSN;
 #       one database per replica is created from it and dropped afterwards)
@@ -13,7 +13,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BIN=${1:-}
+BIN=""
+MTLS=0
+for arg in "$@"; do
+  case "$arg" in
+    --mtls) MTLS=1 ;;
+    *) BIN=$arg ;;
+  esac
+done
 if [ -z "$BIN" ]; then
   cargo build --quiet --locked --bin stacyvm
   BIN="${CARGO_TARGET_DIR:-target}/debug/stacyvm"
@@ -57,6 +64,15 @@ for i in 1 2 3; do
   RAFT[$i]="127.0.0.1:$(free_port)"
   PEERS+=(--peer "$i=${RAFT[$i]}=${API[$i]}")
 done
+RPCTLS_SERVE=()
+RPCTLS_WORKER=()
+if [ "$MTLS" = 1 ]; then
+  # Worker RPC over mutual TLS with certificates from the cluster CA.
+  "$BIN" certs issue worker --id smoke-worker --ca "$WORK/certs" --out "$WORK/certs" >/dev/null
+  "$BIN" certs issue client --name smoke-cp --ca "$WORK/certs" --out "$WORK/certs" >/dev/null
+  RPCTLS_SERVE=(--worker-rpc-ca "$WORK/certs/ca.pem" --worker-rpc-client-cert "$WORK/certs/client-smoke-cp.pem" --worker-rpc-client-key "$WORK/certs/client-smoke-cp-key.pem")
+  RPCTLS_WORKER=(--rpc-tls-cert "$WORK/certs/worker-smoke-worker.pem" --rpc-tls-key "$WORK/certs/worker-smoke-worker-key.pem" --rpc-tls-client-ca "$WORK/certs/ca.pem")
+fi
 for i in 1 2 3; do
   DBARGS=(--database-driver "$DRIVER")
   if [ "$DRIVER" = postgres ]; then
@@ -66,7 +82,7 @@ for i in 1 2 3; do
     DBARGS+=(--database-dsn "$(db_dsn "$db")")
   fi
   STACYVM_LOG=info "$BIN" serve --id "$i" --data-dir "$WORK/node-$i" --certs "$WORK/certs" \
-    --raft-addr "${RAFT[$i]}" --api-addr "${API[$i]}" --bootstrap "${PEERS[@]}" "${DBARGS[@]}" \
+    --raft-addr "${RAFT[$i]}" --api-addr "${API[$i]}" --bootstrap "${PEERS[@]}" "${DBARGS[@]}" ${RPCTLS_SERVE[@]+"${RPCTLS_SERVE[@]}"} \
     >"$WORK/node-$i.log" 2>&1 &
   PIDS+=($!)
 done
@@ -80,7 +96,7 @@ done
 curl -fsS "http://${API[1]}/ready" >/dev/null
 
 STACYVM_LOG=info "$BIN" worker --id smoke-worker --bootstrap "${API[1]},${API[2]},${API[3]}" \
-  --rpc-addr "127.0.0.1:$(free_port)" --state-dir "$WORK/worker" --destroy-on-exit \
+  --rpc-addr "127.0.0.1:$(free_port)" --state-dir "$WORK/worker" --destroy-on-exit ${RPCTLS_WORKER[@]+"${RPCTLS_WORKER[@]}"} \
   >"$WORK/worker.log" 2>&1 &
 PIDS+=($!)
 
@@ -89,6 +105,9 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 "$BIN" workers
+if [ "$MTLS" = 1 ]; then
+  "$BIN" workers --output json | grep -q '"rpc_url": "https://' || { echo "smoke: worker RPC is not https" >&2; exit 1; }
+fi
 
 ID=$("$BIN" spawn --image busybox --ttl 10m)
 echo "smoke: spawned $ID"
@@ -103,4 +122,4 @@ cmp "$WORK/in.bin" "$WORK/out.bin"
 "$BIN" kill "$ID"
 if "$BIN" get "$ID" >/dev/null 2>&1; then echo "smoke: $ID still exists after kill" >&2; exit 1; fi
 ok=1
-echo "smoke ($DRIVER): spawn -> running -> exec -> file round trip -> destroy: OK"
+echo "smoke ($DRIVER$([ "$MTLS" = 1 ] && echo ', mTLS')): spawn -> running -> exec -> file round trip -> destroy: OK"

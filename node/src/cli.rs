@@ -46,6 +46,9 @@ pub enum Command {
     Worker(crate::agent::WorkerArgs),
     /// A local HA cluster: three replicas and two workers on loopback.
     Dev(crate::dev::DevArgs),
+    /// Check a configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Start a sandbox; prints its ID.
     Spawn(crate::client_cmd::SpawnArgs),
     /// Run a command in a sandbox; exits with the command's exit code.
@@ -135,6 +138,23 @@ pub enum IssueCommand {
         ca: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check a configuration for mistakes and production readiness; exits
+    /// non-zero on any FAIL. Never prints a secret.
+    Lint {
+        /// The file (default: STACYVM_CONFIG).
+        #[arg(long, env = "STACYVM_CONFIG")]
+        file: Option<PathBuf>,
+        /// Production findings fail instead of warning.
+        #[arg(long)]
+        production: bool,
+        /// control-plane or worker.
+        #[arg(long, default_value = "control-plane")]
+        role: String,
     },
 }
 
@@ -277,6 +297,34 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Db(cmd) => run_db(cmd).await,
         Command::Worker(args) => crate::agent::run(args).await,
         Command::Dev(args) => crate::dev::run(args).await,
+        Command::Config(ConfigCommand::Lint {
+            file,
+            production,
+            role,
+        }) => {
+            let role = match role.as_str() {
+                "control-plane" => crate::lint::Role::ControlPlane,
+                "worker" => crate::lint::Role::Worker,
+                other => {
+                    return Err(CliError::Usage(format!(
+                        "--role {other:?}: use control-plane or worker"
+                    )));
+                }
+            };
+            let cfg = crate::config::FileConfig::load_optional(file.as_deref()).map_err(|e| {
+                println!("[FAIL] config: {e}");
+                CliError::Failed("the configuration does not load".into())
+            })?;
+            let findings =
+                crate::lint::lint(&cfg, role, production, &|p| std::fs::read_to_string(p).ok());
+            if crate::lint::print(&findings) {
+                Ok(())
+            } else {
+                Err(CliError::Failed(
+                    "the configuration has FAIL findings".into(),
+                ))
+            }
+        }
         Command::Spawn(a) => crate::client_cmd::spawn(a).await,
         Command::Exec(a) => crate::client_cmd::exec(a).await,
         Command::Ls(a) => crate::client_cmd::ls(a).await,

@@ -25,6 +25,7 @@ pub mod control;
 pub mod dev;
 pub mod events;
 pub mod identity;
+pub mod lint;
 pub mod rpc_tls;
 pub mod sandbox_api;
 pub mod serve;

@@ -4,6 +4,8 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // Every TLS user (QUIC, reqwest, axum-server) needs the ring provider first.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STACYVM_LOG")
