@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test gate, identical locally and in CI (.ci/run calls it):
 #   cargo fmt --check, cargo clippy -D warnings, cargo nextest run --workspace,
-#   then the remote-worker smoke (real processes) on SQLite and on Postgres,
+#   then the remote-worker smoke (real processes) on SQLite, and the cluster
+#   conformance script (every matrix line; the Postgres smoke, plain and mTLS),
 # with a throwaway Postgres (initdb + pg_ctl in a temp dir, free loopback port,
 # stopped on exit) unless STACYVM_POSTGRES_TEST_DSN is already set.
 # Under CI=true nothing is skipped: missing Postgres binaries are installed, and
@@ -55,13 +56,7 @@ step fmt cargo fmt --all --check
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 step nextest cargo nextest run --workspace --locked
 step smoke-sqlite env STACYVM_REMOTE_SMOKE_DATABASE_DRIVER=sqlite scripts/smoke-remote-worker.sh
-if [ -n "${STACYVM_POSTGRES_TEST_DSN:-}" ]; then
-  step smoke-postgres env STACYVM_REMOTE_SMOKE_DATABASE_DRIVER=postgres \
-    STACYVM_REMOTE_SMOKE_DATABASE_DSN="$STACYVM_POSTGRES_TEST_DSN" scripts/smoke-remote-worker.sh
-elif [ "${CI:-}" = "true" ]; then
-  echo "FAIL: CI=true and no Postgres for the remote-worker smoke" >&2
-  exit 1
-else
-  echo "WARNING: no Postgres: SKIP smoke-postgres" >&2
-fi
+# Every line of the cluster conformance matrix, including the Postgres-backed
+# remote-worker smoke (plain and --mtls); Postgres lines are mandatory in CI.
+step conformance scripts/ci-cluster-conformance.sh
 summary

@@ -1183,6 +1183,7 @@ async fn run() -> Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // Dropping `run` (Ctrl-C) drops its clusters, which kills every child.
     tokio::select! {
         r = run() => r,

@@ -65,6 +65,17 @@ pub enum Command {
     Workers(crate::client_cmd::WorkersArgs),
 }
 
+impl Command {
+    /// Short-lived commands whose output may be piped (not servers).
+    pub fn is_client(&self) -> bool {
+        match self {
+            Command::Serve(_) | Command::Dev(_) => false,
+            Command::Worker(a) => a.command.is_some(),
+            _ => true,
+        }
+    }
+}
+
 /// Where client commands send their requests.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {

@@ -15,6 +15,9 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = stacyvm_node::cli::Cli::parse();
+    if cli.command.is_client() {
+        stacyvm_runtimes::sys::default_sigpipe();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -23,6 +23,18 @@ pub fn kill_group(pgid: i32, sig: i32) -> bool {
     unsafe { libc::kill(-pgid, sig) == 0 }
 }
 
+/// Restores the default SIGPIPE action (terminate quietly), as command-line
+/// tools expect when their output pipe closes early (`stacyvm ls | head`).
+/// Rust starts with SIGPIPE ignored, which turns that into a panic in
+/// `println!`. Never call this in a server: a peer closing a socket would
+/// then kill the process.
+pub fn default_sigpipe() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler code; called once at start.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Whether process `pid` exists (signal 0).
 pub fn alive(pid: i32) -> bool {
     kill(pid, 0)

@@ -171,6 +171,7 @@ async fn start_cluster() -> Cluster {
         p.start();
         procs.push(p);
     }
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
         .build()
@@ -481,6 +482,7 @@ async fn single_node(root: &Path, name: &str) -> (Proc, Vec<String>) {
         child: None,
     };
     p.start();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !http
