@@ -136,7 +136,7 @@ async fn returning_worker_stops_what_it_no_longer_owns() {
 
     // Restart on the same state directory: adoption claims both, the leader
     // answers "lost" for both, and the worker stops them.
-    let state = a.state;
+    let state = a.crash_keep_state();
     let a2 = W::start_in(
         "worker-a",
         plane.apis(),

@@ -379,11 +379,40 @@ impl W {
     }
 
     /// Kills whatever is left on this worker's host.
+    /// The worker process dies; its state directory (and whatever still
+    /// runs there) is handed over for a restart.
+    pub fn crash_keep_state(mut self) -> tempfile::TempDir {
+        self.crash();
+        std::mem::replace(&mut self.state, tempfile::tempdir().expect("tempdir"))
+    }
+
     pub async fn cleanup(self) {
         self.crash();
         let rt = MockRuntime::with_event_log(self.state.path().join("mock"), None).expect("mock");
         for s in rt.list().await.unwrap_or_default() {
             let _ = rt.destroy(&s.sandbox_id).await;
+        }
+    }
+}
+
+impl Drop for W {
+    /// A test that panics must not leave keeper processes behind: kill every
+    /// sandbox's process group recorded in this worker's state directory.
+    fn drop(&mut self) {
+        self.crash();
+        let Ok(dirs) = std::fs::read_dir(self.state.path().join("mock")) else {
+            return;
+        };
+        for d in dirs.flatten() {
+            let Ok(meta) = std::fs::read(d.path().join("meta.json")) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&meta) else {
+                continue;
+            };
+            if let Some(pid) = v["keeper_pid"].as_i64().and_then(|p| i32::try_from(p).ok()) {
+                stacyvm_runtimes::sys::kill_group(pid, 9);
+            }
         }
     }
 }
