@@ -293,9 +293,21 @@ fn keepers_of(id: &str) -> Vec<u32> {
         };
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            if args
-                .windows(2)
-                .any(|w| w[0] == KEEPER_TAG.as_bytes() && w[1] == id.as_bytes())
+            // The keeper's own children (`sleep`) briefly carry its command
+            // line between fork and exec: count only the group leader.
+            let leader = std::fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .and_then(|st| st.rsplit(')').next().map(str::to_owned))
+                .and_then(|rest| {
+                    rest.split_whitespace()
+                        .nth(2)
+                        .and_then(|g| g.parse::<u32>().ok())
+                })
+                == Some(pid);
+            if leader
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == KEEPER_TAG.as_bytes() && w[1] == id.as_bytes())
             {
                 out.push(pid);
             }
