@@ -202,7 +202,23 @@ impl WorkerAuth {
         scope: &str,
         revoked: &dyn Fn(&str) -> bool,
     ) -> Result<WorkerIdentity, AuthError> {
-        if !self.configured() {
+        self.authenticate_with(worker_id, token, now, scope, revoked, None)
+    }
+
+    /// Like [`WorkerAuth::authenticate`], with the hash of the worker's
+    /// enrolled credential (replicated store), if it has one. An enrolled
+    /// credential is bound like a per-worker token: the shared token no longer
+    /// works for that worker.
+    pub fn authenticate_with(
+        &self,
+        worker_id: &str,
+        token: Option<&str>,
+        now: i64,
+        scope: &str,
+        revoked: &dyn Fn(&str) -> bool,
+        enrolled_hash: Option<&str>,
+    ) -> Result<WorkerIdentity, AuthError> {
+        if !self.configured() && enrolled_hash.is_none() {
             return Err(AuthError::NotConfigured);
         }
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
@@ -230,6 +246,25 @@ impl WorkerAuth {
                     exp: c.exp,
                 },
             });
+        }
+        if let Some(h) = enrolled_hash
+            && !self.worker_tokens.contains_key(worker_id)
+        {
+            if ct_eq(hash_secret(token).as_bytes(), h.as_bytes()) {
+                return Ok(WorkerIdentity {
+                    worker_id: worker_id.to_string(),
+                    scopes: all_scopes(),
+                    via: Via::PerWorker,
+                });
+            }
+            if self
+                .shared_token
+                .as_ref()
+                .is_some_and(|s| ct_eq(s.expose().as_bytes(), token.as_bytes()))
+            {
+                return Err(AuthError::SharedTokenShutOut(worker_id.to_string()));
+            }
+            return Err(AuthError::Invalid);
         }
         if let Some(own) = self.worker_tokens.get(worker_id) {
             if ct_eq(own.expose().as_bytes(), token.as_bytes()) {
@@ -587,6 +622,59 @@ mod tests {
         assert_eq!(
             st.authenticate("w-1", Some("nope"), NOW, "worker:exec"),
             Err(AuthError::Invalid)
+        );
+    }
+
+    #[test]
+    fn enrolled_credentials_are_bound() {
+        let c = WorkerAuth {
+            shared_token: Some(Secret::new("shared")),
+            ..Default::default()
+        };
+        let h = hash_secret("stacyvm-wcred-v1.abc");
+        let ok = c.authenticate_with(
+            "w-e",
+            Some("stacyvm-wcred-v1.abc"),
+            NOW,
+            "worker:heartbeat",
+            &never,
+            Some(&h),
+        );
+        assert_eq!(ok.map(|i| i.via), Ok(Via::PerWorker));
+        assert_eq!(
+            c.authenticate_with(
+                "w-e",
+                Some("shared"),
+                NOW,
+                "worker:heartbeat",
+                &never,
+                Some(&h)
+            ),
+            Err(AuthError::SharedTokenShutOut("w-e".into()))
+        );
+        assert_eq!(
+            c.authenticate_with(
+                "w-e",
+                Some("stacyvm-wcred-v1.abd"),
+                NOW,
+                "worker:heartbeat",
+                &never,
+                Some(&h)
+            ),
+            Err(AuthError::Invalid)
+        );
+        // With no configured credential at all, an enrolled one still counts.
+        let none = WorkerAuth::default();
+        assert!(
+            none.authenticate_with(
+                "w-e",
+                Some("stacyvm-wcred-v1.abc"),
+                NOW,
+                "worker:heartbeat",
+                &never,
+                Some(&h)
+            )
+            .is_ok()
         );
     }
 

@@ -50,6 +50,24 @@ pub enum WorkerCommand {
     /// Signed worker tokens: issue, inspect, verify, rotation-plan.
     #[command(subcommand)]
     Token(crate::token_cmd::TokenCommand),
+    /// Make a single-use enrollment secret for a worker (admin key needed);
+    /// the worker exchanges it once for its credential (`--enroll-token-file`).
+    EnrollToken(EnrollTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EnrollTokenArgs {
+    #[command(flatten)]
+    pub client: crate::client_cmd::ClientArgs,
+    /// The worker it is for.
+    #[arg(long)]
+    pub worker: String,
+    /// Lifetime (at most 1h).
+    #[arg(long, default_value = "10m")]
+    pub ttl: String,
+    /// Where to write the secret (mode 0600); it is never printed.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Flags of `stacyvm worker`.
@@ -71,6 +89,11 @@ pub struct WorkerArgs {
     /// externally rotated signed tokens).
     #[arg(long, env = "STACYVM_AUTH_WORKER_TOKEN_FILE")]
     pub worker_token_file: Option<PathBuf>,
+    /// Enroll with this single-use secret (from `stacyvm worker enroll-token`)
+    /// when the state directory holds no credential yet; the credential it
+    /// yields is kept in `<state-dir>/worker-credential` (mode 0600).
+    #[arg(long, env = "STACYVM_WORKER_ENROLL_TOKEN_FILE", conflicts_with_all = ["worker_token", "worker_token_file"])]
+    pub enroll_token_file: Option<PathBuf>,
     /// Serve RPC over mutual TLS with this certificate (it must carry
     /// `worker-<id>.stacyvm.internal`: `stacyvm certs issue worker --id ID`).
     #[arg(long, requires_all = ["rpc_tls_key", "rpc_tls_client_ca"])]
@@ -272,11 +295,14 @@ impl Agent {
                 let s = src.get().map_err(|e| e.to_string())?;
                 let v = s.expose().to_string();
                 // A static credential is also what the control plane may
-                // present on RPC; a signed one is not (wrong audience).
+                // present on RPC; a signed one is not (wrong audience), nor an
+                // enrolled one (replicas know only its hash; they use signed
+                // RPC tokens made from this worker's derived key).
                 let mut ra = lk(&self.rpc_auth);
                 ra.worker_id = self.id.clone();
-                ra.static_token = (!v.starts_with(stacyvm_auth::token::PREFIX))
-                    .then(|| stacyvm_auth::Secret::new(v.clone()));
+                ra.static_token = (!v.starts_with(stacyvm_auth::token::PREFIX)
+                    && !v.starts_with(wire::CREDENTIAL_PREFIX))
+                .then(|| stacyvm_auth::Secret::new(v.clone()));
                 Ok(Some(v))
             }
         }
@@ -1368,10 +1394,90 @@ impl Agent {
     }
 }
 
+/// The credential from an earlier enrollment, or a new one obtained with
+/// `--enroll-token-file` (written to `<state-dir>/worker-credential`, 0600).
+async fn enrolled_credential(
+    args: &WorkerArgs,
+    id: &str,
+) -> Result<Option<crate::config::SecretSource>, CliError> {
+    let path = args.state_dir.join("worker-credential");
+    let as_source = |p: &std::path::Path| {
+        crate::config::SecretSource::from_parts(None, Some(&p.display().to_string()))
+    };
+    if path.exists() {
+        return Ok(as_source(&path));
+    }
+    let Some(f) = &args.enroll_token_file else {
+        return Ok(None);
+    };
+    let secret =
+        std::fs::read_to_string(f).map_err(|e| CliError::Usage(format!("{}: {e}", f.display())))?;
+    let secret = secret.trim().to_string();
+    std::fs::create_dir_all(&args.state_dir).map_err(|e| CliError::Failed(e.to_string()))?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    let mut last = String::from("no bootstrap replica given");
+    for b in &args.bootstrap {
+        let url = format!("{}/api/v1/worker/{id}/enroll", base_url(b));
+        match http
+            .post(&url)
+            .header(WORKER_ID_HEADER, id)
+            .json(&wire::EnrollRequest {
+                enroll_token: secret.clone(),
+            })
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => {
+                let reply: wire::EnrollReply = r
+                    .json()
+                    .await
+                    .map_err(|e| CliError::Failed(format!("bad enrollment answer: {e}")))?;
+                write_private(&path, &reply.worker_token)?;
+                eprintln!(
+                    "worker {id}: enrolled; credential kept in {}",
+                    path.display()
+                );
+                return Ok(as_source(&path));
+            }
+            Ok(r) => {
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                return Err(CliError::Refused(format!(
+                    "enrollment refused: {} ({})",
+                    body["message"].as_str().unwrap_or("refused"),
+                    body["reason"].as_str().unwrap_or("")
+                )));
+            }
+            Err(e) => last = format!("{b}: {e}"),
+        }
+    }
+    Err(CliError::Failed(format!(
+        "cannot reach any replica to enroll: {last}"
+    )))
+}
+
+/// Writes a secret to a new file readable only by this user.
+pub fn write_private(path: &std::path::Path, value: &str) -> Result<(), CliError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
+    f.write_all(value.as_bytes())
+        .map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))
+}
+
 /// Runs `stacyvm worker` until SIGTERM (drain, then exit) or SIGINT (exit).
 pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
-    if let Some(WorkerCommand::Token(cmd)) = args.command {
-        return crate::token_cmd::run(cmd);
+    match args.command {
+        Some(WorkerCommand::Token(cmd)) => return crate::token_cmd::run(cmd),
+        Some(WorkerCommand::EnrollToken(a)) => return crate::client_cmd::enroll_token(a).await,
+        None => {}
     }
     let credential = match (&args.worker_token, &args.worker_token_file) {
         (Some(t), _) if !t.is_empty() => Some(crate::config::SecretSource::Inline(
@@ -1385,6 +1491,11 @@ pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
             src
         }
         _ => None,
+    };
+    let id_for_enroll = args.id.clone().unwrap_or_else(hostname);
+    let credential = match credential {
+        Some(c) => Some(c),
+        None => enrolled_credential(&args, &id_for_enroll).await?,
     };
     let id = args.id.clone().unwrap_or_else(hostname);
     wire::check_name("worker id", &id).map_err(|e| CliError::Usage(e.0))?;

@@ -100,6 +100,11 @@ impl ApiError {
         &self.code
     }
 
+    /// Names the rule that refused (auth failures).
+    pub fn set_reason(&mut self, reason: &'static str) {
+        self.reason = Some(reason);
+    }
+
     pub fn message(&self) -> &str {
         &self.message
     }
@@ -303,6 +308,10 @@ pub fn guard_of(method: &axum::http::Method, path: &str) -> Guard {
         return Guard::Public;
     }
     if path.starts_with("/api/v1/worker/") {
+        // Enrollment carries its own secret (checked by the handler).
+        if path.ends_with("/enroll") {
+            return Guard::Public;
+        }
         return Guard::Worker;
     }
     if path.starts_with("/api/v1/admin/") || path == "/api/v1/admin" {
@@ -381,11 +390,21 @@ async fn check(s: &AppState, guard: Guard, h: &axum::http::HeaderMap) -> Result<
         }
         Guard::Worker => {
             let wa = s.auth.worker_auth()?;
-            if !wa.configured() {
-                return Ok(Caller::Open);
-            }
             let worker_id = header(h, "x-worker-id").unwrap_or("");
             let token = worker_token(h);
+            // An enrolled credential lives (hashed) in the replicated store.
+            let enrolled = if worker_id.is_empty() {
+                None
+            } else {
+                match s.replica.store().get_worker_credential(worker_id).await {
+                    Ok(c) => Some(c.token_hash),
+                    Err(stacyvm_store::StoreError::NotFound { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            if !wa.configured() && enrolled.is_none() {
+                return Ok(Caller::Open);
+            }
             // Revocation: the configured list plus the replicated one.
             let revoked_jti = match token.map(stacyvm_auth::token::decode_unverified) {
                 Some(Ok(c))
@@ -400,9 +419,14 @@ async fn check(s: &AppState, guard: Guard, h: &axum::http::HeaderMap) -> Result<
                 _ => None,
             };
             let now = Ts::now().micros() / 1_000_000;
-            let id = wa.authenticate(worker_id, token, now, "worker:heartbeat", &|j| {
-                revoked_jti.as_deref() == Some(j)
-            })?;
+            let id = wa.authenticate_with(
+                worker_id,
+                token,
+                now,
+                "worker:heartbeat",
+                &|j| revoked_jti.as_deref() == Some(j),
+                enrolled.as_deref(),
+            )?;
             Ok(Caller::Worker(id))
         }
     }

@@ -523,3 +523,15 @@ async fn run_db(cmd: DbCommand) -> Result<(), CliError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Clap checks flag definitions (unique names, valid references) only
+    /// when a command is parsed in a debug build; check them all here.
+    #[test]
+    fn every_command_definition_is_valid() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -426,3 +426,35 @@ pub async fn workers(a: WorkersArgs) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+/// `stacyvm worker enroll-token`: asks the cluster for an enrollment secret
+/// and writes it to `--out` (0600); the secret is never printed.
+pub async fn enroll_token(a: crate::agent::EnrollTokenArgs) -> Result<(), CliError> {
+    let c = a.client.client(Duration::from_secs(30))?;
+    let req = stacyvm_api::EnrollmentRequest {
+        worker_id: a.worker.clone(),
+        ttl: Some(DurationValue::Text(a.ttl.clone())),
+    };
+    let body = serde_json::to_vec(&req).map_err(|e| CliError::Failed(e.to_string()))?;
+    let resp = c
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/admin/worker-enrollments",
+            || Some(reqwest::Body::from(body.clone())),
+            Some("application/json"),
+        )
+        .await?;
+    let resp = stacyvm_client::check(resp).await?;
+    let issued: stacyvm_api::EnrollmentIssued = resp
+        .json()
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    crate::agent::write_private(&a.out, &issued.enroll_token)?;
+    println!(
+        "enrollment secret for {} written to {} (single use, expires {})",
+        issued.worker_id,
+        a.out.display(),
+        issued.expires_at
+    );
+    Ok(())
+}

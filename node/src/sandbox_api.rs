@@ -1169,6 +1169,112 @@ async fn issue_token(
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
+fn random_secret(prefix: &str) -> String {
+    format!("{prefix}{}", hex::encode(rand::random::<[u8; 32]>()))
+}
+
+async fn create_enrollment(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<wire::EnrollmentRequest>,
+) -> Result<Response, ApiError> {
+    wire::check_name("worker_id", &req.worker_id).map_err(|e| ApiError::bad_request(e.0))?;
+    let ttl = match &req.ttl {
+        Some(t) => t
+            .parse()
+            .map_err(|e| ApiError::bad_request(format!("ttl: {e}")))?,
+        None => Duration::from_secs(600),
+    };
+    if ttl.is_zero() || ttl > Duration::from_secs(3600) {
+        return Err(ApiError::bad_request("ttl must be between 1s and 1h"));
+    }
+    // Replicas authenticate to an enrolled worker's RPC with tokens made from
+    // its derived key, which exists only under a signing key.
+    let wa = s.auth.worker_auth()?;
+    if wa.signing_key.as_ref().is_none_or(|k| k.is_empty()) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::UNAVAILABLE,
+            "enrollment needs auth.worker_signing_key: replicas call enrolled workers with RPC tokens derived from it",
+        ));
+    }
+    let secret = random_secret(wire::ENROLL_PREFIX);
+    let now = Ts::now();
+    let expires_at = now.plus_millis(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+    s.write_one(Mutation::CreateEnrollment(stacyvm_store::Enrollment {
+        token_hash: stacyvm_auth::hash_secret(&secret),
+        worker_id: req.worker_id.clone(),
+        created_at: now,
+        expires_at,
+        used_at: None,
+    }))
+    .await?;
+    let out = wire::EnrollmentIssued {
+        enroll_token: secret,
+        worker_id: req.worker_id,
+        expires_at: rfc3339(expires_at),
+    };
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+/// `POST /api/v1/worker/{id}/enroll`: the enrollment secret is the credential;
+/// it is consumed (one Raft entry, race-free) and a per-worker credential is
+/// returned once. The cluster keeps only hashes of both.
+async fn enroll(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<wire::EnrollRequest>,
+) -> Result<Json<wire::EnrollReply>, ApiError> {
+    wire::check_name("worker id", &id).map_err(|e| ApiError::bad_request(e.0))?;
+    let refuse = |status: StatusCode, code: &'static str, reason: &'static str, msg: &str| {
+        let mut e = ApiError::new(status, code, msg);
+        e.set_reason(reason);
+        e
+    };
+    if !req.enroll_token.starts_with(wire::ENROLL_PREFIX) || req.enroll_token.len() > 256 {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            codes::UNAUTHORIZED,
+            "enroll_invalid",
+            "not an enrollment secret",
+        ));
+    }
+    let credential = random_secret(wire::CREDENTIAL_PREFIX);
+    let m = Mutation::ConsumeEnrollment {
+        token_hash: stacyvm_auth::hash_secret(&req.enroll_token),
+        worker_id: id.clone(),
+        credential_hash: stacyvm_auth::hash_secret(&credential),
+        now: Ts::now(),
+    };
+    match s.write_one(m).await {
+        Ok(_) => Ok(Json(wire::EnrollReply {
+            worker_id: id,
+            worker_token: credential,
+        })),
+        Err(e) if e.code() == codes::NOT_FOUND => Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            codes::UNAUTHORIZED,
+            "enroll_invalid",
+            "unknown enrollment secret",
+        )),
+        Err(e) if e.code() == codes::CONFLICT => {
+            let reason = if e.message().contains("already used") {
+                "enroll_reused"
+            } else if e.message().contains("expired") {
+                "enroll_expired"
+            } else {
+                "enroll_wrong_worker"
+            };
+            Err(refuse(
+                StatusCode::FORBIDDEN,
+                codes::FORBIDDEN,
+                reason,
+                "enrollment secret refused (used, expired, or for another worker)",
+            ))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 async fn revoke_token(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<wire::RevokeTokenRequest>,
@@ -1395,6 +1501,8 @@ pub fn local_routes() -> Router<AppState> {
         )
         .route("/api/v1/worker/{id}/heartbeat", post(heartbeat))
         .route("/api/v1/admin/worker-tokens", post(issue_token))
+        .route("/api/v1/admin/worker-enrollments", post(create_enrollment))
+        .route("/api/v1/worker/{id}/enroll", post(enroll))
         .route("/api/v1/admin/worker-tokens/revoke", post(revoke_token))
         .route("/api/v1/admin/worker-tokens/revoked", get(revoked_tokens))
         .route("/api/v1/events", get(events))

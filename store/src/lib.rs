@@ -243,6 +243,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn is_token_revoked(&self, jti: &str) -> Result<bool, StoreError>;
     async fn list_revoked_tokens(&self) -> Result<Vec<RevokedToken>, StoreError>;
 
+    /// The enrollment with this secret hash, used or not, even if expired
+    /// (callers compare `expires_at` with their now); `NotFound` when absent.
+    async fn get_enrollment(&self, token_hash: &str) -> Result<Enrollment, StoreError>;
+    /// The worker's enrolled credential; `NotFound` when it has none.
+    async fn get_worker_credential(&self, worker_id: &str) -> Result<WorkerCredential, StoreError>;
+
     /// True when replica `node_id` was removed from the cluster.
     async fn is_node_removed(&self, node_id: i64) -> Result<bool, StoreError>;
 }

@@ -51,6 +51,7 @@ pub const SQLITE: &[Migration] = embed!("sqlite":
     3 => "0003_tenancy",
     4 => "0004_audit_identity_raft",
     5 => "0005_cluster",
+    6 => "0006_enrollment",
 );
 
 /// Postgres migrations, in order; the same versions as [`SQLITE`].
@@ -60,6 +61,7 @@ pub const POSTGRES: &[Migration] = embed!("postgres":
     3 => "0003_tenancy",
     4 => "0004_audit_identity_raft",
     5 => "0005_cluster",
+    6 => "0006_enrollment",
 );
 
 /// Why migrating failed. Messages say what to do next and never carry a DSN.

@@ -585,6 +585,94 @@ impl RevokedToken {
     }
 }
 
+/// Length of a stored secret hash: hex SHA-256.
+pub const SECRET_HASH_LEN: usize = 64;
+
+/// Checks that `hash` is a hex SHA-256 digest (64 lowercase hex characters), so
+/// a secret passed by mistake instead of its hash is refused.
+pub(crate) fn check_secret_hash(kind: &str, hash: &str) -> Result<(), StoreError> {
+    if hash.is_empty() {
+        return Err(StoreError::Invalid(format!("{kind} must not be empty")));
+    }
+    if hash.len() != SECRET_HASH_LEN
+        || !hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        // Never echo the value: it may be a secret passed by mistake.
+        return Err(StoreError::Invalid(format!(
+            "{kind} must be a hex SHA-256 digest ({SECRET_HASH_LEN} lowercase hex characters)"
+        )));
+    }
+    Ok(())
+}
+
+/// How a secret hash appears in error messages: a short prefix, enough to tell
+/// rows apart without spreading whole verifiers through logs.
+pub(crate) fn hash_label(hash: &str) -> String {
+    match hash.get(..12) {
+        Some(prefix) if hash.len() > 12 => format!("{prefix}…"),
+        _ => hash.to_owned(),
+    }
+}
+
+/// A single-use worker enrollment secret, by the hex SHA-256 of the secret.
+/// Consuming it (for `worker_id`, before `expires_at`) records `used_at` and
+/// gives the worker a [`WorkerCredential`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    /// Hex SHA-256 of the enrollment secret (64 lowercase hex characters).
+    pub token_hash: String,
+    /// The only worker that may consume it.
+    pub worker_id: String,
+    pub created_at: Ts,
+    /// It may be consumed only while `now < expires_at`; after it the row can
+    /// be pruned.
+    pub expires_at: Ts,
+    /// When it was consumed; `None` while unused.
+    pub used_at: Option<Ts>,
+}
+
+impl Enrollment {
+    pub(crate) fn validate(&self) -> Result<(), StoreError> {
+        check_secret_hash("enrollment token hash", &self.token_hash)?;
+        check_id("worker id", &self.worker_id)?;
+        check_ts("created_at", self.created_at)?;
+        check_ts("expires_at", self.expires_at)?;
+        if let Some(used) = self.used_at {
+            check_ts("used_at", used)?;
+        }
+        if self.expires_at <= self.created_at {
+            return Err(StoreError::Invalid(format!(
+                "enrollment expires_at ({}) must be after created_at ({})",
+                self.expires_at, self.created_at
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The credential a worker obtained by enrolling, by the hex SHA-256 of the
+/// credential secret. One per worker; enrolling again replaces the hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCredential {
+    pub worker_id: String,
+    /// Hex SHA-256 of the credential secret (64 lowercase hex characters).
+    pub token_hash: String,
+    /// Kept from the first enrollment; later ones leave it unchanged.
+    pub created_at: Ts,
+    pub updated_at: Ts,
+}
+
+impl WorkerCredential {
+    pub(crate) fn validate(&self) -> Result<(), StoreError> {
+        check_id("worker id", &self.worker_id)?;
+        check_secret_hash("worker credential hash", &self.token_hash)?;
+        check_ts("created_at", self.created_at)?;
+        check_ts("updated_at", self.updated_at)
+    }
+}
+
 /// The Raft bookkeeping row: what this store has applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaftState {
@@ -631,4 +719,8 @@ pub struct StoreSnapshot {
     pub revoked_tokens: Vec<RevokedToken>,
     /// `(node_id, removed_at)` of replicas that left the cluster.
     pub removed_nodes: Vec<(i64, Ts)>,
+    /// Enrollment secrets (hashed), used ones included, by token hash.
+    pub enrollments: Vec<Enrollment>,
+    /// Enrolled worker credentials (hashed), by worker ID.
+    pub worker_credentials: Vec<WorkerCredential>,
 }

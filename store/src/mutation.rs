@@ -145,6 +145,32 @@ pub enum Mutation {
         node_id: i64,
         at: Ts,
     },
+
+    /// Record a single-use enrollment secret (by its hash); `Conflict` if that
+    /// hash exists.
+    CreateEnrollment(Enrollment),
+    /// Exchange an enrollment for a worker credential, atomically: the
+    /// enrollment's `used_at` becomes `now` and `worker_id`'s credential becomes
+    /// `credential_hash` (`created_at` kept if it had one, `updated_at = now`).
+    /// `NotFound` (entity "enrollment") if there is no such hash; `Conflict`
+    /// with reason "already used", "expired" (`expires_at <= now`) or "issued
+    /// for another worker", checked in that order. Of racing consumers of one
+    /// enrollment exactly one succeeds.
+    ConsumeEnrollment {
+        token_hash: String,
+        worker_id: String,
+        credential_hash: String,
+        now: Ts,
+    },
+    /// Remove a worker's credential; `NotFound` if it has none.
+    DeleteWorkerCredential {
+        worker_id: String,
+    },
+    /// Delete enrollments (used or not) whose `expires_at` is before `before`;
+    /// outputs [`MutationOutput::Count`].
+    PruneEnrollments {
+        before: Ts,
+    },
 }
 
 /// What a successful mutation produced.
@@ -221,6 +247,20 @@ impl Mutation {
                 StoreError::Invalid(format!("node id must be at least 1 (got {node_id})")),
             ),
             Mutation::RecordRemovedNode { .. } => Ok(()),
+            Mutation::CreateEnrollment(e) => e.validate(),
+            Mutation::ConsumeEnrollment {
+                token_hash,
+                worker_id,
+                credential_hash,
+                now,
+            } => {
+                check_secret_hash("enrollment token hash", token_hash)?;
+                check_id("worker id", worker_id)?;
+                check_secret_hash("worker credential hash", credential_hash)?;
+                check_ts("now", *now)
+            }
+            Mutation::DeleteWorkerCredential { worker_id } => check_id("worker id", worker_id),
+            Mutation::PruneEnrollments { before } => check_ts("before", *before),
             Mutation::DeleteExecLogsBefore { .. }
             | Mutation::DeleteAdminAuditBefore { .. }
             | Mutation::DeleteOperationAuditBefore { .. }

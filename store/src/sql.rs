@@ -53,6 +53,8 @@ macro_rules! sql_store {
         const OP_AUDIT_COLS: &str = "id, actor, action, sandbox_id, resource, runtime, status, \
              detail, tenant_id, created_at";
         const REVOKED_COLS: &str = "jti, reason, revoked_at, expires_at";
+        const ENROLLMENT_COLS: &str = "token_hash, worker_id, created_at, expires_at, used_at";
+        const CREDENTIAL_COLS: &str = "worker_id, token_hash, created_at, updated_at";
 
         fn parse_enum<T: std::str::FromStr>(text: String, column: &str) -> Result<T, sqlx::Error> {
             text.parse().map_err(|_| sqlx::Error::ColumnDecode {
@@ -223,6 +225,25 @@ macro_rules! sql_store {
             })
         }
 
+        fn enrollment_row(r: &DbRow) -> Result<Enrollment, sqlx::Error> {
+            Ok(Enrollment {
+                token_hash: r.try_get("token_hash")?,
+                worker_id: r.try_get("worker_id")?,
+                created_at: r.try_get("created_at")?,
+                expires_at: r.try_get("expires_at")?,
+                used_at: r.try_get("used_at")?,
+            })
+        }
+
+        fn credential_row(r: &DbRow) -> Result<WorkerCredential, sqlx::Error> {
+            Ok(WorkerCredential {
+                worker_id: r.try_get("worker_id")?,
+                token_hash: r.try_get("token_hash")?,
+                created_at: r.try_get("created_at")?,
+                updated_at: r.try_get("updated_at")?,
+            })
+        }
+
         /// Maps rows, classifying any decode failure for `entity` `id`.
         fn map_rows<T>(
             rows: Vec<DbRow>,
@@ -334,6 +355,82 @@ macro_rules! sql_store {
             if done.rows_affected() == 0 {
                 return Err(StoreError::not_found("lease", rid));
             }
+            Ok(MutationOutput::Done)
+        }
+
+        /// Inserts a worker credential, or replaces the hash and `updated_at` of
+        /// the worker's existing one (its `created_at` is kept).
+        async fn write_credential(conn: &mut $conn, c: &WorkerCredential) -> Result<(), StoreError> {
+            let sql = format!(
+                "INSERT INTO worker_credentials ({CREDENTIAL_COLS}) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (worker_id) DO UPDATE SET token_hash = excluded.token_hash, \
+                 updated_at = excluded.updated_at"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&c.worker_id)
+                .bind(&c.token_hash)
+                .bind(c.created_at)
+                .bind(c.updated_at)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "worker credential", &c.worker_id))?;
+            Ok(())
+        }
+
+        /// Exchanges an enrollment for a credential. The enrollment row is read
+        /// under the write lock (Postgres: `FOR UPDATE`, so a racing consumer
+        /// waits and then sees `used_at` set; SQLite: `BEGIN IMMEDIATE` already
+        /// holds the writer lock), and the claim re-checks `used_at IS NULL`.
+        async fn consume_enrollment(
+            conn: &mut $conn,
+            token_hash: &str,
+            worker_id: &str,
+            credential_hash: &str,
+            now: Ts,
+        ) -> Result<MutationOutput, StoreError> {
+            const ENTITY: &str = "enrollment";
+            let label = hash_label(token_hash);
+            let sql = format!(
+                "SELECT {ENROLLMENT_COLS} FROM worker_enrollments WHERE token_hash = $1{}",
+                $lock
+            );
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(token_hash)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, ENTITY, &label))?
+                .ok_or_else(|| StoreError::not_found(ENTITY, label.as_str()))?;
+            let enrollment = enrollment_row(&row).map_err(|e| StoreError::from_sqlx(e, ENTITY, &label))?;
+            if enrollment.used_at.is_some() {
+                return Err(StoreError::conflict(ENTITY, label, "already used"));
+            }
+            if enrollment.expires_at <= now {
+                return Err(StoreError::conflict(ENTITY, label, "expired"));
+            }
+            if enrollment.worker_id != worker_id {
+                return Err(StoreError::conflict(ENTITY, label, "issued for another worker"));
+            }
+            let claimed = sqlx::query(
+                "UPDATE worker_enrollments SET used_at = $2 WHERE token_hash = $1 AND used_at IS NULL",
+            )
+            .bind(token_hash)
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, ENTITY, &label))?;
+            if claimed.rows_affected() != 1 {
+                return Err(StoreError::conflict(ENTITY, label, "already used"));
+            }
+            write_credential(
+                conn,
+                &WorkerCredential {
+                    worker_id: worker_id.to_owned(),
+                    token_hash: credential_hash.to_owned(),
+                    created_at: now,
+                    updated_at: now,
+                },
+            )
+            .await?;
             Ok(MutationOutput::Done)
         }
 
@@ -767,6 +864,29 @@ macro_rules! sql_store {
                     .bind(*at);
                     exec_count(conn, q, "removed node").await.map(|_| MutationOutput::Done)
                 }
+                Mutation::CreateEnrollment(e) => {
+                    let sql = format!(
+                        "INSERT INTO worker_enrollments ({ENROLLMENT_COLS}) VALUES ($1, $2, $3, $4, $5)"
+                    );
+                    let q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .bind(&e.token_hash)
+                        .bind(&e.worker_id)
+                        .bind(e.created_at)
+                        .bind(e.expires_at)
+                        .bind(e.used_at);
+                    exec_one(conn, q, "enrollment", &hash_label(&e.token_hash)).await
+                }
+                Mutation::ConsumeEnrollment { token_hash, worker_id, credential_hash, now } => {
+                    consume_enrollment(conn, token_hash, worker_id, credential_hash, *now).await
+                }
+                Mutation::DeleteWorkerCredential { worker_id } => {
+                    let q = sqlx::query("DELETE FROM worker_credentials WHERE worker_id = $1").bind(worker_id);
+                    exec_one(conn, q, "worker credential", worker_id).await
+                }
+                Mutation::PruneEnrollments { before } => {
+                    let q = sqlx::query("DELETE FROM worker_enrollments WHERE expires_at < $1").bind(*before);
+                    exec_count(conn, q, "enrollment").await
+                }
                 Mutation::Atomic(all) => {
                     let mut outs = Vec::with_capacity(all.len());
                     for inner in all {
@@ -896,6 +1016,9 @@ macro_rules! sql_store {
                 operation_audit: dump(conn, OP_AUDIT_COLS, "operation_audit", "id", op_audit_row).await?,
                 revoked_tokens: dump(conn, REVOKED_COLS, "revoked_worker_tokens", "jti", revoked_row).await?,
                 removed_nodes: dump(conn, "node_id, removed_at", "removed_nodes", "node_id", removed_row).await?,
+                enrollments: dump(conn, ENROLLMENT_COLS, "worker_enrollments", "token_hash", enrollment_row).await?,
+                worker_credentials: dump(conn, CREDENTIAL_COLS, "worker_credentials", "worker_id", credential_row)
+                    .await?,
             })
         }
 
@@ -904,7 +1027,8 @@ macro_rules! sql_store {
             for table in [
                 "exec_logs", "tenant_members", "policies", "sandboxes", "tenants", "leases",
                 "lease_generations", "workers", "owner_quotas", "templates", "admin_audit",
-                "operation_audit", "revoked_worker_tokens", "removed_nodes",
+                "operation_audit", "revoked_worker_tokens", "removed_nodes", "worker_enrollments",
+                "worker_credentials",
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}")))
                     .execute(&mut *conn)
@@ -925,12 +1049,18 @@ macro_rules! sql_store {
             all.extend(snap.operation_audit.iter().cloned().map(Mutation::AppendOperationAudit));
             all.extend(snap.revoked_tokens.iter().cloned().map(Mutation::RevokeToken));
             all.extend(snap.removed_nodes.iter().map(|(node_id, at)| Mutation::RecordRemovedNode { node_id: *node_id, at: *at }));
+            // Used enrollments keep their `used_at`: CreateEnrollment stores it as given.
+            all.extend(snap.enrollments.iter().cloned().map(Mutation::CreateEnrollment));
             for m in &all {
                 m.validate()?;
                 apply_one(conn, m, 0).await?;
             }
             for l in &snap.leases {
                 write_lease(conn, l).await?;
+            }
+            for c in &snap.worker_credentials {
+                c.validate()?;
+                write_credential(conn, c).await?;
             }
             for (rid, generation) in &snap.lease_generations {
                 sqlx::query("INSERT INTO lease_generations (resource_id, last_generation) VALUES ($1, $2)")
@@ -1308,6 +1438,18 @@ macro_rules! sql_store {
             async fn is_node_removed(&self, node_id: i64) -> Result<bool, StoreError> {
                 let q = sqlx::query("SELECT 1 FROM removed_nodes WHERE node_id = $1").bind(node_id);
                 Ok(!self.fetch_all(q, "removed node").await?.is_empty())
+            }
+
+            async fn get_enrollment(&self, token_hash: &str) -> Result<Enrollment, StoreError> {
+                let sql = format!("SELECT {ENROLLMENT_COLS} FROM worker_enrollments WHERE token_hash = $1");
+                let q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(token_hash);
+                self.fetch_one_as(q, enrollment_row, "enrollment", &hash_label(token_hash)).await
+            }
+
+            async fn get_worker_credential(&self, worker_id: &str) -> Result<WorkerCredential, StoreError> {
+                let sql = format!("SELECT {CREDENTIAL_COLS} FROM worker_credentials WHERE worker_id = $1");
+                let q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(worker_id);
+                self.fetch_one_as(q, credential_row, "worker credential", worker_id).await
             }
 
             async fn list_revoked_tokens(&self) -> Result<Vec<RevokedToken>, StoreError> {

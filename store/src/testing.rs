@@ -195,6 +195,7 @@ macro_rules! store_contract_suite {
             templates,
             tenants_members_policies,
             revoked_token_ids,
+            enrollments,
             unique_and_foreign_key_violations_are_conflicts,
             invalid_input_is_refused,
             exactly_once_apply,
@@ -1283,6 +1284,317 @@ pub mod cases {
         );
         assert!(!s.is_token_revoked("jti-1").await.unwrap());
         assert!(s.is_token_revoked("jti-2").await.unwrap());
+    }
+
+    /// Hex SHA-256 of `secret`: what the store keeps instead of a secret.
+    pub fn secret_hash(secret: &str) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+    }
+
+    /// An unused enrollment of `secret` for `worker_id`, created at T0 and
+    /// expiring `expires_ms` after it.
+    pub fn enrollment(secret: &str, worker_id: &str, expires_ms: i64) -> Enrollment {
+        Enrollment {
+            token_hash: secret_hash(secret),
+            worker_id: worker_id.into(),
+            created_at: T0,
+            expires_at: at(expires_ms),
+            used_at: None,
+        }
+    }
+
+    /// Consume `secret`'s enrollment as `worker_id`, receiving `credential`.
+    pub fn consume(secret: &str, worker_id: &str, credential: &str, now: Ts) -> Mutation {
+        Mutation::ConsumeEnrollment {
+            token_hash: secret_hash(secret),
+            worker_id: worker_id.into(),
+            credential_hash: secret_hash(credential),
+            now,
+        }
+    }
+
+    pub async fn enrollments(db: TestDb) {
+        let s = &*db.store;
+        let e1 = enrollment("enroll-1", "w1", 10_000);
+        ok(s, Mutation::CreateEnrollment(e1.clone())).await;
+        assert_eq!(s.get_enrollment(&e1.token_hash).await.unwrap(), e1);
+        assert_conflict(
+            exec(s, Mutation::CreateEnrollment(e1.clone())).await,
+            "same hash twice",
+        );
+        assert_not_found(s.get_worker_credential("w1").await, "before enrolling");
+
+        // Consuming it gives the worker its credential, in the same mutation.
+        assert_eq!(
+            ok(s, consume("enroll-1", "w1", "cred-1", at(1))).await,
+            MutationOutput::Done
+        );
+        assert_eq!(
+            s.get_enrollment(&e1.token_hash).await.unwrap().used_at,
+            Some(at(1))
+        );
+        let cred = WorkerCredential {
+            worker_id: "w1".into(),
+            token_hash: secret_hash("cred-1"),
+            created_at: at(1),
+            updated_at: at(1),
+        };
+        assert_eq!(s.get_worker_credential("w1").await.unwrap(), cred);
+
+        // Single use: a second consumption is refused and changes nothing.
+        assert_eq!(
+            assert_conflict(
+                exec(s, consume("enroll-1", "w1", "cred-x", at(2))).await,
+                "second use",
+            ),
+            "already used"
+        );
+        // Used wins over expired: the first reason checked is use.
+        assert_eq!(
+            assert_conflict(
+                exec(s, consume("enroll-1", "w1", "cred-x", at(20_000))).await,
+                "second use after expiry",
+            ),
+            "already used"
+        );
+        assert_eq!(s.get_worker_credential("w1").await.unwrap(), cred);
+
+        // Expired: expires_at <= now.
+        ok(
+            s,
+            Mutation::CreateEnrollment(enrollment("enroll-2", "w1", 1_000)),
+        )
+        .await;
+        assert_eq!(
+            assert_conflict(
+                exec(s, consume("enroll-2", "w1", "cred-x", at(1_000))).await,
+                "expired at exactly expires_at",
+            ),
+            "expired"
+        );
+        assert_eq!(
+            s.get_enrollment(&secret_hash("enroll-2"))
+                .await
+                .unwrap()
+                .used_at,
+            None,
+            "a refused consumption leaves the enrollment unused"
+        );
+
+        // Issued for another worker.
+        ok(
+            s,
+            Mutation::CreateEnrollment(enrollment("enroll-3", "w2", 10_000)),
+        )
+        .await;
+        assert_eq!(
+            assert_conflict(
+                exec(s, consume("enroll-3", "w1", "cred-x", at(2))).await,
+                "wrong worker",
+            ),
+            "issued for another worker"
+        );
+        assert_eq!(s.get_worker_credential("w1").await.unwrap(), cred);
+
+        // Unknown hash.
+        let unknown = exec(s, consume("never-issued", "w1", "cred-x", at(2))).await;
+        assert!(
+            matches!(&unknown, Err(StoreError::NotFound { entity, .. }) if entity == "enrollment"),
+            "unknown enrollment: {unknown:?}"
+        );
+        assert_not_found(
+            s.get_enrollment(&secret_hash("never-issued")).await,
+            "get unknown",
+        );
+
+        // Atomic: when a later member fails, the consumption is undone too.
+        assert_not_found(
+            exec(
+                s,
+                Mutation::Atomic(vec![
+                    consume("enroll-3", "w2", "cred-2", at(3)),
+                    Mutation::DeleteWorkerCredential {
+                        worker_id: "w-none".into(),
+                    },
+                ]),
+            )
+            .await,
+            "group with a missing credential",
+        );
+        assert_eq!(
+            s.get_enrollment(&secret_hash("enroll-3"))
+                .await
+                .unwrap()
+                .used_at,
+            None
+        );
+        assert_not_found(
+            s.get_worker_credential("w2").await,
+            "credential from the failed group",
+        );
+        ok(s, consume("enroll-3", "w2", "cred-2", at(3))).await;
+
+        // Enrolling again replaces the hash and keeps created_at.
+        ok(
+            s,
+            Mutation::CreateEnrollment(enrollment("enroll-4", "w1", 10_000)),
+        )
+        .await;
+        ok(s, consume("enroll-4", "w1", "cred-1b", at(5))).await;
+        assert_eq!(
+            s.get_worker_credential("w1").await.unwrap(),
+            WorkerCredential {
+                token_hash: secret_hash("cred-1b"),
+                updated_at: at(5),
+                ..cred.clone()
+            }
+        );
+
+        // Only hashes are stored: anything but a hex SHA-256 is refused.
+        let bad_hashes = [
+            String::new(),
+            "not-a-hash".to_owned(),
+            secret_hash("x").to_uppercase(),
+            format!("{}0", secret_hash("x")),
+        ];
+        for bad in &bad_hashes {
+            assert_invalid(
+                exec(
+                    s,
+                    Mutation::CreateEnrollment(Enrollment {
+                        token_hash: bad.clone(),
+                        ..enrollment("x", "w1", 1)
+                    }),
+                )
+                .await,
+                "enrollment with a bad hash",
+            );
+            assert_invalid(
+                exec(
+                    s,
+                    Mutation::ConsumeEnrollment {
+                        token_hash: secret_hash("enroll-2"),
+                        worker_id: "w1".into(),
+                        credential_hash: bad.clone(),
+                        now: at(1),
+                    },
+                )
+                .await,
+                "credential with a bad hash",
+            );
+        }
+        assert_invalid(
+            exec(s, Mutation::CreateEnrollment(enrollment("x", "", 1))).await,
+            "empty worker id",
+        );
+        assert_invalid(
+            exec(s, Mutation::CreateEnrollment(enrollment("x", "w1", 0))).await,
+            "expires when created",
+        );
+        assert_invalid(
+            exec(
+                s,
+                Mutation::DeleteWorkerCredential {
+                    worker_id: "".into(),
+                },
+            )
+            .await,
+            "empty worker id",
+        );
+        assert_invalid(
+            exec(s, consume("enroll-2", "w1", "c", Ts(i64::MAX))).await,
+            "now beyond year 9999",
+        );
+
+        // The snapshot carries both tables, used_at included.
+        let snap = s.export_snapshot().await.unwrap();
+        let mut want: Vec<Enrollment> = Vec::new();
+        for secret in ["enroll-1", "enroll-2", "enroll-3", "enroll-4"] {
+            want.push(s.get_enrollment(&secret_hash(secret)).await.unwrap());
+        }
+        want.sort_by(|a, b| a.token_hash.cmp(&b.token_hash));
+        assert_eq!(snap.enrollments, want, "ordered by token hash");
+        assert_eq!(
+            snap.worker_credentials,
+            vec![
+                s.get_worker_credential("w1").await.unwrap(),
+                s.get_worker_credential("w2").await.unwrap(),
+            ]
+        );
+
+        // Delete a credential.
+        ok(
+            s,
+            Mutation::DeleteWorkerCredential {
+                worker_id: "w1".into(),
+            },
+        )
+        .await;
+        assert_not_found(s.get_worker_credential("w1").await, "deleted credential");
+        assert_not_found(
+            exec(
+                s,
+                Mutation::DeleteWorkerCredential {
+                    worker_id: "w1".into(),
+                },
+            )
+            .await,
+            "delete twice",
+        );
+
+        // Prune: strictly before `before`, used or not.
+        assert_eq!(
+            ok(s, Mutation::PruneEnrollments { before: at(1_000) }).await,
+            MutationOutput::Count(0),
+            "expires_at == before is kept"
+        );
+        assert_eq!(
+            ok(s, Mutation::PruneEnrollments { before: at(1_001) }).await,
+            MutationOutput::Count(1)
+        );
+        assert_not_found(
+            s.get_enrollment(&secret_hash("enroll-2")).await,
+            "pruned enrollment",
+        );
+        assert_not_found(
+            exec(s, consume("enroll-2", "w1", "cred-x", at(2))).await,
+            "consuming a pruned enrollment",
+        );
+        assert_eq!(
+            ok(s, Mutation::PruneEnrollments { before: at(10_001) }).await,
+            MutationOutput::Count(3),
+            "used ones go too"
+        );
+
+        // Installing the snapshot brings both tables back exactly.
+        s.install_snapshot(&snap).await.unwrap();
+        assert_eq!(s.export_snapshot().await.unwrap(), snap);
+        assert_eq!(
+            s.get_worker_credential("w1").await.unwrap().token_hash,
+            secret_hash("cred-1b")
+        );
+        assert_eq!(
+            assert_conflict(
+                exec(s, consume("enroll-1", "w1", "cred-x", at(6))).await,
+                "restored used enrollment",
+            ),
+            "already used"
+        );
+        // An enrollment unused in the snapshot can still be consumed once.
+        ok(s, consume("enroll-2", "w1", "cred-1c", at(6))).await;
+        assert_eq!(
+            s.get_worker_credential("w1").await.unwrap().token_hash,
+            secret_hash("cred-1c")
+        );
+
+        // Another database on the same driver becomes identical.
+        if db.pg_options().is_none() {
+            let other = TestDb::sqlite().await;
+            other.store.install_snapshot(&snap).await.unwrap();
+            assert_eq!(other.store.export_snapshot().await.unwrap(), snap);
+            other.cleanup().await;
+        }
     }
 
     pub async fn unique_and_foreign_key_violations_are_conflicts(db: TestDb) {

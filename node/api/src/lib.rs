@@ -488,6 +488,45 @@ pub struct RevokeTokenRequest {
     pub reason: String,
 }
 
+/// `POST /api/v1/admin/worker-enrollments` (admin only): a single-use,
+/// short-lived enrollment secret for one worker.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentRequest {
+    pub worker_id: String,
+    /// At most one hour; default ten minutes.
+    #[serde(default)]
+    pub ttl: Option<DurationValue>,
+}
+
+/// The enrollment secret (shown once; the cluster keeps only its hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentIssued {
+    pub enroll_token: String,
+    pub worker_id: String,
+    pub expires_at: String,
+}
+
+/// `POST /api/v1/worker/{id}/enroll`: exchange the secret, once, for a
+/// per-worker credential.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub enroll_token: String,
+}
+
+/// The worker's credential (shown once; the cluster keeps only its hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollReply {
+    pub worker_id: String,
+    pub worker_token: String,
+}
+
+/// Prefix of enrollment secrets.
+pub const ENROLL_PREFIX: &str = "stacyvm-enroll-v1.";
+/// Prefix of enrolled worker credentials.
+pub const CREDENTIAL_PREFIX: &str = "stacyvm-wcred-v1.";
+
 // ---------------------------------------------------------------- events
 
 /// One event of `GET /api/v1/events`.

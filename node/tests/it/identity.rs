@@ -518,3 +518,111 @@ async fn worker_rpc_mutual_tls() {
     w.cleanup().await;
     plane.shutdown().await;
 }
+
+/// Enrollment: an admin makes a single-use, short-lived secret for one
+/// worker; the worker exchanges it once for its own credential, which then
+/// shuts the shared token out for that worker. Reuse, expiry, another
+/// worker and unknown secrets are refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enrollment_is_single_use_and_binds_the_worker() {
+    let yaml = format!(
+        "auth:\n  api_key: {USER}\n  admin_api_key: {ADMIN}\n  worker_token: shared-staging-token\n  worker_signing_key: {SIGNING}\n"
+    );
+    let plane = Plane::start_with(1, StoreDriver::Sqlite, fast(), auth(&yaml))
+        .await
+        .expect("plane");
+    let http = reqwest::Client::new();
+    let api = plane.cps[0].api.clone();
+    let c = Call {
+        http: &http,
+        api: &api,
+    };
+    let enroll_secret = |ttl: &'static str| {
+        let http = http.clone();
+        let api = api.clone();
+        async move {
+            let r = http
+                .post(format!("http://{api}/api/v1/admin/worker-enrollments"))
+                .header("x-admin-api-key", ADMIN)
+                .json(&serde_json::json!({"worker_id": "w-e", "ttl": ttl}))
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 201);
+            let v: serde_json::Value = r.json().await.expect("json");
+            v["enroll_token"].as_str().expect("secret").to_string()
+        }
+    };
+    let exchange = |worker: &'static str, secret: String| {
+        let http = http.clone();
+        let api = api.clone();
+        async move {
+            let r = http
+                .post(format!("http://{api}/api/v1/worker/{worker}/enroll"))
+                .json(&serde_json::json!({"enroll_token": secret}))
+                .send()
+                .await
+                .expect("send");
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    // Only admins make enrollment secrets.
+    let no_key = Plane::start_with(
+        1,
+        StoreDriver::Sqlite,
+        fast(),
+        auth(&format!("auth:\n  admin_api_key: {ADMIN}\n")),
+    )
+    .await
+    .expect("plane");
+    let r = http
+        .post(format!(
+            "http://{}/api/v1/admin/worker-enrollments",
+            no_key.cps[0].api
+        ))
+        .header("x-admin-api-key", ADMIN)
+        .json(&serde_json::json!({"worker_id": "w-e"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 503, "enrollment needs a signing key");
+    no_key.shutdown().await;
+    let r = http
+        .post(format!("http://{api}/api/v1/admin/worker-enrollments"))
+        .header("x-api-key", USER)
+        .json(&serde_json::json!({"worker_id": "w-e"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 403);
+
+    let secret = enroll_secret("10m").await;
+    let (st, v) = exchange("w-other", secret.clone()).await;
+    assert_eq!((st, reason(&v)), (403, "enroll_wrong_worker"));
+    let (st, v) = exchange("w-e", secret.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    let credential = v["worker_token"].as_str().expect("credential").to_string();
+    let (st, v) = exchange("w-e", secret.clone()).await;
+    assert_eq!((st, reason(&v)), (403, "enroll_reused"));
+    assert!(
+        !v.to_string().contains(&secret),
+        "the secret is never echoed"
+    );
+    let (st, v) = exchange("w-e", "stacyvm-enroll-v1.00".into()).await;
+    assert_eq!((st, reason(&v)), (401, "enroll_invalid"));
+    let short = enroll_secret("1s").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (st, v) = exchange("w-e", short).await;
+    assert_eq!((st, reason(&v)), (403, "enroll_expired"));
+
+    // The credential works for w-e only, and the shared token no longer does.
+    let (st, v) = c.beat("w-e", Some(&credential), true).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = c.beat("w-e", Some("shared-staging-token"), false).await;
+    assert_eq!((st, reason(&v)), (403, "shared_token_shut_out"));
+    assert_eq!(c.beat("w-x", Some(&credential), false).await.0, 401);
+    plane.shutdown().await;
+}

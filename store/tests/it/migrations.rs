@@ -155,6 +155,9 @@ async fn both_drivers_create_the_same_tables_and_columns() {
         "operation_audit",
         "revoked_worker_tokens",
         "raft_state",
+        "removed_nodes",
+        "worker_enrollments",
+        "worker_credentials",
         "schema_migrations",
     ] {
         assert!(sqlite.contains_key(t), "table {t} missing on SQLite");
