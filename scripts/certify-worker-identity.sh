@@ -38,14 +38,18 @@ check() { NAMES+=("$1"); RESULTS+=("$2"); DETAILS+=("$3"); }
 field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
 T=$("$BIN" worker token issue "$WORKER" --signing-key-file "$WORK/new.key" --ttl 10m --scope worker:heartbeat --scope worker:lease)
-JTI=$("$BIN" worker token inspect - <<<"$T" | field token_id)
-if "$BIN" worker token inspect - <<<"$T" | grep -q '"signature_verified": false'; then
+# Outputs are captured before grep: with pipefail, `grep -q` closing the pipe
+# early would fail the producer.
+INSPECT=$("$BIN" worker token inspect - <<<"$T")
+JTI=$(field token_id <<<"$INSPECT")
+if grep -q '"signature_verified": false' <<<"$INSPECT"; then
   check issue PASS "signed token issued for $WORKER (10m, heartbeat+lease)"
   check inspect PASS "claims decoded without verification; token ID $JTI"
 else
   check inspect FAIL "inspect did not decode the token"
 fi
-if "$BIN" worker token verify - --worker-id "$WORKER" --signing-key-file "$WORK/new.key" <<<"$T" | grep -q '"signature_verified": true'; then
+VERIFY=$("$BIN" worker token verify - --worker-id "$WORKER" --signing-key-file "$WORK/new.key" <<<"$T" || true)
+if grep -q '"signature_verified": true' <<<"$VERIFY"; then
   check verify PASS "signature and claims verified with the active key"
 else
   check verify FAIL "a freshly issued token did not verify"
@@ -117,7 +121,8 @@ else
   render
 fi
 # Self-check: the report must not contain a token or a key.
-if render | grep -q -e 'stacyvm-worker-v1\.' -e "$(cat "$WORK/new.key")" -e "$(cat "$WORK/old.key")"; then
+REPORT=$(render)
+if grep -q -e 'stacyvm-worker-v1\.' -e "$(cat "$WORK/new.key")" -e "$(cat "$WORK/old.key")" <<<"$REPORT"; then
   echo "FAIL: the report contains a secret" >&2
   exit 1
 fi

@@ -101,12 +101,14 @@ STACYVM_LOG=info "$BIN" worker --id smoke-worker --bootstrap "${API[1]},${API[2]
 PIDS+=($!)
 
 for _ in $(seq 100); do
-  "$BIN" workers --output json 2>/dev/null | grep -q '"status": "online"' && break
+  W=$("$BIN" workers --output json 2>/dev/null || true)
+  grep -q '"status": "online"' <<<"$W" && break
   sleep 0.2
 done
 "$BIN" workers
 if [ "$MTLS" = 1 ]; then
-  "$BIN" workers --output json | grep -q '"rpc_url": "https://' || { echo "smoke: worker RPC is not https" >&2; exit 1; }
+  W=$("$BIN" workers --output json)
+  grep -q '"rpc_url": "https://' <<<"$W" || { echo "smoke: worker RPC is not https" >&2; exit 1; }
 fi
 
 ID=$("$BIN" spawn --image busybox --ttl 10m)
