@@ -228,9 +228,22 @@ impl FileConfig {
 }
 
 fn redact_error(msg: &str) -> String {
-    // Keep the message only up to any quoted scalar that could be a value.
-    let cut = msg.find("invalid value: string").unwrap_or(msg.len());
-    msg[..cut].chars().take(300).collect()
+    // First line only (later lines may quote the source), and no quoted
+    // scalar: a type error would otherwise repeat the offending value.
+    let first = msg.lines().next().unwrap_or("");
+    let mut out = String::with_capacity(first.len());
+    let mut quoted = false;
+    for ch in first.chars() {
+        if ch == '"' {
+            if !quoted {
+                out.push_str("\"…\"");
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(ch);
+        }
+    }
+    out.chars().take(300).collect()
 }
 
 /// A secret given inline or as a file that is re-read when it changes.
@@ -399,6 +412,31 @@ impl AuthSources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        /// The loader never panics: arbitrary text is a config or an error.
+        #[test]
+        fn arbitrary_text_never_panics(s in "\\PC{0,400}") {
+            let _ = FileConfig::parse(&s, "fuzz").map(|c| c.validate());
+        }
+
+        /// YAML-shaped input with arbitrary keys and values never panics, and
+        /// a refusal never quotes a value.
+        #[test]
+        fn yaml_shaped_input_never_panics_or_leaks(
+            section in "(auth|worker|node|database|defaults|logging|bogus)",
+            key in "[a-z_]{1,24}",
+            value in "[A-Za-z0-9+/=:._-]{0,40}",
+        ) {
+            let text = format!("{section}:\n  {key}: zz{value}zz\n");
+            if let Err(e) = FileConfig::parse(&text, "fuzz") {
+                let msg = e.to_string();
+                proptest::prop_assert!(!(value.len() > 3 && msg.contains(&format!("zz{value}zz"))), "{msg}");
+            }
+        }
+    }
 
     #[test]
     fn parses_the_auth_section_and_refuses_unknown_keys() {
