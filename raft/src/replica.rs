@@ -413,14 +413,23 @@ impl Handler {
         leases: Vec<HeldLease>,
     ) -> Result<RenewOutcome, WriteError> {
         self.lease_term(true).await?;
-        let mut claims = Vec::with_capacity(leases.len());
-        for claim in leases {
-            let row = self
-                .current_lease(&claim.resource_id)
-                .await
-                .map_err(fatal)?;
-            claims.push((claim, row));
-        }
+        // One read for all of the holder's leases, not one per claim: a
+        // worker with thousands of sandboxes renews them every heartbeat.
+        let mut rows: std::collections::HashMap<String, Lease> = self
+            .store
+            .list_leases(Some(holder_id))
+            .await
+            .map_err(fatal)?
+            .into_iter()
+            .map(|l| (l.resource_id.clone(), l))
+            .collect();
+        let claims: Vec<(HeldLease, Option<Lease>)> = leases
+            .into_iter()
+            .map(|claim| {
+                let row = rows.remove(&claim.resource_id);
+                (claim, row)
+            })
+            .collect();
         Ok(self
             .with_table(|t| t.renew(holder_id, &claims, Instant::now()))
             .unwrap_or_default())

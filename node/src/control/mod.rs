@@ -357,26 +357,46 @@ impl Control {
         Ok(())
     }
 
-    async fn count_from_store(&self) -> Result<Counts, StoreError> {
-        let mut counts = Counts::default();
+    /// Every non-destroyed sandbox matching `filter`, however many: the
+    /// store pages at most 1,000 rows at a time. Rows that shift between pages
+    /// may be seen twice (de-duplicated) or, when destroyed meanwhile, missed;
+    /// callers never act on absence alone.
+    async fn all_sandboxes(&self, filter: SandboxFilter) -> Result<Vec<Sandbox>, StoreError> {
+        const PAGE: i64 = 1000;
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
         let mut offset = 0;
         loop {
             let page = self
                 .store()
                 .list_sandboxes(&SandboxFilter {
-                    limit: Some(5000),
+                    limit: Some(PAGE),
                     offset: Some(offset),
-                    ..Default::default()
+                    ..filter.clone()
                 })
                 .await?;
-            let n = page.len();
-            for s in page.iter().filter(|s| occupies(s.state)) {
-                counts.add(&s.owner_id, &s.worker_id, 1);
+            let n = i64::try_from(page.len()).unwrap_or(0);
+            for s in page {
+                if seen.insert(s.id.clone()) {
+                    out.push(s);
+                }
             }
-            if n < 5000 {
-                break;
+            if n < PAGE {
+                return Ok(out);
             }
-            offset += 5000;
+            offset += PAGE;
+        }
+    }
+
+    async fn count_from_store(&self) -> Result<Counts, StoreError> {
+        let mut counts = Counts::default();
+        for s in self
+            .all_sandboxes(SandboxFilter::default())
+            .await?
+            .iter()
+            .filter(|s| occupies(s.state))
+        {
+            counts.add(&s.owner_id, &s.worker_id, 1);
         }
         Ok(counts)
     }
@@ -1192,8 +1212,7 @@ impl Control {
     async fn declare_offline(&self, id: &str) -> Result<(), ControlError> {
         let leases = self.store().list_leases(Some(id)).await?;
         let sandboxes = self
-            .store()
-            .list_sandboxes(&SandboxFilter {
+            .all_sandboxes(SandboxFilter {
                 worker_id: Some(id.to_string()),
                 ..Default::default()
             })
@@ -1301,10 +1320,7 @@ impl Control {
         self.ensure_leader().await?;
         let now = Instant::now();
         let timing = self.cfg.timing();
-        let sandboxes = self
-            .store()
-            .list_sandboxes(&SandboxFilter::default())
-            .await?;
+        let sandboxes = self.all_sandboxes(SandboxFilter::default()).await?;
         let (owners, workers): (HashMap<String, reconcile::Owner>, BTreeMap<String, Worker>) = self
             .with_leader(|s| {
                 let owners = s
@@ -1403,7 +1419,7 @@ impl Control {
             .filter(|s| occupies(s.state))
             .map(|s| s.id.as_str())
             .collect();
-        let orphans: Vec<String> = self
+        let candidates: Vec<String> = self
             .store()
             .list_leases(None)
             .await?
@@ -1411,6 +1427,15 @@ impl Control {
             .filter(|l| l.resource_type == SANDBOX_LEASE && !live.contains(l.resource_id.as_str()))
             .map(|l| l.resource_id)
             .collect();
+        // Never act on absence from a listing alone: confirm each one.
+        let mut orphans = Vec::new();
+        for id in candidates {
+            match self.store().get_sandbox(&id).await {
+                Ok(sb) if occupies(sb.state) => {}
+                Ok(_) | Err(StoreError::NotFound { .. }) => orphans.push(id),
+                Err(e) => return Err(e.into()),
+            }
+        }
         if !orphans.is_empty() {
             let m = orphans
                 .iter()

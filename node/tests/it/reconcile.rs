@@ -188,3 +188,72 @@ async fn reconcile_every_owner_case_sqlite() {
 async fn reconcile_every_owner_case_postgres() {
     run(StoreDriver::Postgres).await;
 }
+
+/// Reconciliation and the offline declaration see every sandbox, not only the
+/// store's first page (a regression: the first 100 were kept and every other
+/// lease was revoked as an orphan).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passes_cover_more_than_one_page() {
+    // Heartbeats a little slower than the other tests: 130 spawns on a
+    // loaded two-core machine must not make the only worker look stale.
+    let cfg = ControlConfig {
+        heartbeat: Duration::from_millis(300),
+        lease_ttl: Duration::from_secs(3),
+        ..fast()
+    };
+    let plane = Plane::start(1, StoreDriver::Sqlite, cfg)
+        .await
+        .expect("plane");
+    let a = W::start("worker-a", plane.apis(), Duration::from_millis(500)).await;
+    let c = std::sync::Arc::new(plane.client());
+    workers_online(&c, 1).await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..13 {
+                let sb = c
+                    .spawn(&SpawnRequest {
+                        image: "busybox".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("spawn");
+                ids.push(sb.id);
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.expect("join"));
+    }
+    assert_eq!(ids.len(), 130);
+    let cp = plane.leader().await;
+    let acted = cp.control.reconcile_pass().await.expect("reconcile");
+    assert!(acted.is_empty(), "nothing to correct: {acted:?}");
+    let store = cp.r().store();
+    for id in &ids {
+        assert!(store.get_lease(id).await.is_ok(), "{id} lost its lease");
+    }
+    assert_eq!(a.running_here().await.len(), 130);
+    // The worker dies: every one of its sandboxes becomes lost.
+    a.crash();
+    eventually(Duration::from_secs(10), "all lost", || async {
+        let mut lost = 0;
+        for id in &ids {
+            if store
+                .get_sandbox(id)
+                .await
+                .is_ok_and(|s| s.state == SandboxState::Lost)
+            {
+                lost += 1;
+            }
+        }
+        lost == ids.len()
+    })
+    .await;
+    a.cleanup().await;
+    plane.shutdown().await;
+}
