@@ -7,6 +7,10 @@
 #   STACYVM_REMOTE_SMOKE_DATABASE_DRIVER=sqlite|postgres   (default sqlite)
 #   STACYVM_REMOTE_SMOKE_DATABASE_DSN=postgres://...       (postgres: a server DSN;
 #       one database per replica is created from it and dropped afterwards)
+#   STACYVM_SMOKE_RUNTIME=mock|docker|gvisor|proot|...    (default mock; the worker
+#       offers only it and the spawn selects it)
+#   STACYVM_SMOKE_IMAGE=busybox                            (the image spawned)
+#   STACYVM_SMOKE_WORKER_ARGS="--proot-image busybox=DIR"  (extra worker flags)
 #
 # Every process it starts is stopped by PID on exit; on failure it prints the
 # tail of every log.
@@ -26,6 +30,9 @@ if [ -z "$BIN" ]; then
   BIN="${CARGO_TARGET_DIR:-target}/debug/stacyvm"
 fi
 DRIVER=${STACYVM_REMOTE_SMOKE_DATABASE_DRIVER:-sqlite}
+RUNTIME=${STACYVM_SMOKE_RUNTIME:-mock}
+IMAGE=${STACYVM_SMOKE_IMAGE:-busybox}
+read -r -a WORKER_EXTRA <<<"${STACYVM_SMOKE_WORKER_ARGS:-}"
 DSN=${STACYVM_REMOTE_SMOKE_DATABASE_DSN:-}
 case "$DRIVER" in
   sqlite) ;;
@@ -96,7 +103,8 @@ done
 curl -fsS "http://${API[1]}/ready" >/dev/null
 
 STACYVM_LOG=info "$BIN" worker --id smoke-worker --bootstrap "${API[1]},${API[2]},${API[3]}" \
-  --rpc-addr "127.0.0.1:$(free_port)" --state-dir "$WORK/worker" --destroy-on-exit ${RPCTLS_WORKER[@]+"${RPCTLS_WORKER[@]}"} \
+  --rpc-addr "127.0.0.1:$(free_port)" --state-dir "$WORK/worker" --destroy-on-exit --runtimes "$RUNTIME" \
+  ${RPCTLS_WORKER[@]+"${RPCTLS_WORKER[@]}"} ${WORKER_EXTRA[@]+"${WORKER_EXTRA[@]}"} \
   >"$WORK/worker.log" 2>&1 &
 PIDS+=($!)
 
@@ -111,10 +119,12 @@ if [ "$MTLS" = 1 ]; then
   grep -q '"rpc_url": "https://' <<<"$W" || { echo "smoke: worker RPC is not https" >&2; exit 1; }
 fi
 
-ID=$("$BIN" spawn --image busybox --ttl 10m)
-echo "smoke: spawned $ID"
-STATE=$("$BIN" get "$ID" --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["state"])')
+T0=$(date +%s%N)
+ID=$("$BIN" spawn --image "$IMAGE" --runtime "$RUNTIME" --ttl 10m)
+echo "smoke: spawned $ID ($RUNTIME, $IMAGE) in $(( ($(date +%s%N) - T0) / 1000000 )) ms"
+read -r STATE GOT_RUNTIME < <("$BIN" get "$ID" --output json | python3 -c 'import json,sys; s=json.load(sys.stdin)[0]; print(s["state"], s["runtime"])')
 [ "$STATE" = running ] || { echo "smoke: state is $STATE, want running" >&2; exit 1; }
+[ "$GOT_RUNTIME" = "$RUNTIME" ] || { echo "smoke: runtime is $GOT_RUNTIME, want $RUNTIME" >&2; exit 1; }
 OUT=$("$BIN" exec "$ID" 'echo hello from $SANDBOX_ID')
 [ "$OUT" = "hello from $ID" ] || { echo "smoke: exec said '$OUT'" >&2; exit 1; }
 head -c 5000000 /dev/urandom >"$WORK/in.bin"
@@ -124,4 +134,4 @@ cmp "$WORK/in.bin" "$WORK/out.bin"
 "$BIN" kill "$ID"
 if "$BIN" get "$ID" >/dev/null 2>&1; then echo "smoke: $ID still exists after kill" >&2; exit 1; fi
 ok=1
-echo "smoke ($DRIVER$([ "$MTLS" = 1 ] && echo ', mTLS')): spawn -> running -> exec -> file round trip -> destroy: OK"
+echo "smoke ($DRIVER, $RUNTIME$([ "$MTLS" = 1 ] && echo ', mTLS')): spawn -> running -> exec -> file round trip -> destroy: OK"

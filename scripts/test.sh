@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # The whole test gate, identical locally and in CI (.ci/run calls it):
 #   cargo fmt --check, cargo clippy -D warnings, cargo nextest run --workspace,
-#   then the remote-worker smoke (real processes) on SQLite, and the cluster
+#   then the remote-worker smoke (real processes) on SQLite, the cluster
 #   conformance script (every matrix line; the Postgres smoke, plain and mTLS),
+#   and runtime certification (scripts/certify-runtime.sh: mock, docker,
+#   gvisor and proot must PASS; kata and firecracker report what this host lacks),
 # with a throwaway Postgres (initdb + pg_ctl in a temp dir, free loopback port,
-# stopped on exit) unless STACYVM_POSTGRES_TEST_DSN is already set.
-# Under CI=true nothing is skipped: missing Postgres binaries are installed, and
-# a Postgres that cannot start fails the run.
+# stopped on exit) unless STACYVM_POSTGRES_TEST_DSN is already set, and a
+# throwaway dockerd (--bridge=none --iptables=false, runsc registered) with a
+# busybox-static image, plus proot, for the runtime suite (scripts/lib/docker.sh).
+# Under CI=true nothing is skipped: missing Postgres binaries and runtime
+# packages are installed, and a Postgres or dockerd that cannot start fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/postgres.sh
 source scripts/lib/postgres.sh
+# shellcheck source=scripts/lib/docker.sh
+source scripts/lib/docker.sh
 
 started=$(date +%s)
 declare -a results=()
-cleanup() { pg_throwaway_stop; }
+cleanup() { pg_throwaway_stop; runtimes_stop; }
 trap cleanup EXIT
 
 step() {
@@ -52,6 +58,15 @@ if [ -z "${STACYVM_POSTGRES_TEST_DSN:-}" ]; then
 fi
 [ -n "${STACYVM_POSTGRES_TEST_DSN:-}" ] && echo "live Postgres tests: enabled" >&2
 
+# Real runtimes: dockerd (runc + runsc), proot, a busybox image and rootfs.
+if ! runtimes_provision; then
+  if [ "${CI:-}" = "true" ]; then
+    echo "FAIL: CI=true and Docker/gVisor/PRoot could not be provisioned" >&2
+    exit 1
+  fi
+  echo "WARNING: no Docker/PRoot: their runtime cases will print SKIP" >&2
+fi
+
 step fmt cargo fmt --all --check
 step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 step nextest cargo nextest run --workspace --locked
@@ -59,4 +74,8 @@ step smoke-sqlite env STACYVM_REMOTE_SMOKE_DATABASE_DRIVER=sqlite scripts/smoke-
 # Every line of the cluster conformance matrix, including the Postgres-backed
 # remote-worker smoke (plain and --mtls); Postgres lines are mandatory in CI.
 step conformance scripts/ci-cluster-conformance.sh
+# Runtime certification through a real cluster; reports kept under target/.
+for rt in mock docker gvisor proot kata firecracker; do
+  step "certify-$rt" scripts/certify-runtime.sh "$rt" --format markdown --output "target/certify-runtime/$rt.md"
+done
 summary

@@ -124,6 +124,10 @@ pub struct WorkerArgs {
     /// URL the control plane calls (default: http://<rpc-addr>).
     #[arg(long, env = "STACYVM_WORKER_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// Local IP the worker's calls to the control plane leave from
+    /// (multi-homed hosts; the chaos harness tells workers apart by it).
+    #[arg(long, env = "STACYVM_WORKER_SOURCE_IP")]
+    pub source_ip: Option<std::net::IpAddr>,
     /// Runtimes to offer (each must pass its health check to be advertised).
     #[arg(
         long,
@@ -156,6 +160,36 @@ pub struct WorkerArgs {
     /// Destroy every local sandbox when exiting (used by `stacyvm dev`).
     #[arg(long)]
     pub destroy_on_exit: bool,
+    #[command(flatten)]
+    pub runtime_opts: RuntimeArgs,
+}
+
+/// Settings of the real runtimes (`docker`, `gvisor`, `kata`, `proot`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RuntimeArgs {
+    /// A PRoot image: NAME=ROOTFS_DIR (repeatable; `runtimes.proot.images.<name>`).
+    #[arg(
+        long = "proot-image",
+        value_name = "NAME=ROOTFS",
+        env = "STACYVM_PROOT_IMAGES",
+        value_delimiter = ','
+    )]
+    pub proot_images: Vec<String>,
+    /// The `proot` binary (default: `proot` on PATH).
+    #[arg(long, env = "STACYVM_PROOT_BIN")]
+    pub proot_bin: Option<PathBuf>,
+    /// uid:gid every process in a Docker sandbox runs as.
+    #[arg(long, default_value = "1000:1000")]
+    pub docker_user: String,
+    /// Docker sandboxes get a read-only root filesystem (`/workspace` and a `/tmp` tmpfs stay writable).
+    #[arg(long)]
+    pub docker_readonly_rootfs: bool,
+    /// PID limit of each Docker sandbox.
+    #[arg(long, default_value_t = 512)]
+    pub docker_pids_limit: i64,
+    /// What a spawn of an image the host lacks does: `missing` pulls it, `never` refuses.
+    #[arg(long, default_value = "missing", value_parser = ["missing", "never"])]
+    pub docker_pull: String,
 }
 
 /// A lease this worker holds.
@@ -1161,12 +1195,16 @@ pub struct Attachment {
 }
 
 impl Attachment {
-    pub fn new(bootstrap: Vec<String>) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        bootstrap: Vec<String>,
+        source_ip: Option<std::net::IpAddr>,
+    ) -> Result<Self, reqwest::Error> {
         // Short: a paused or partitioned replica must not hold the worker
         // back from finding the new leader (re-attach within 2 s of an election).
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(300))
             .timeout(Duration::from_secs(1))
+            .local_address(source_ip)
             .build()?;
         let bootstrap = bootstrap.into_iter().map(|b| base_url(&b)).collect();
         Ok(Attachment {
@@ -1248,25 +1286,62 @@ fn base_url(addr: &str) -> String {
     }
 }
 
-/// Builds the runtimes named on the command line.
-pub fn build_runtimes(
+/// Builds the runtimes named on the command line. `instance` (the worker
+/// ID) keeps the containers of several workers on one host apart.
+pub async fn build_runtimes(
     names: &[String],
     state_dir: &std::path::Path,
+    instance: &str,
+    opts: &RuntimeArgs,
 ) -> Result<BTreeMap<String, Arc<dyn Runtime>>, CliError> {
+    use stacyvm_runtimes::docker::{DockerOptions, DockerRuntime, PullPolicy};
+    use stacyvm_runtimes::mock::{MockOptions, MockRuntime};
     let mut out: BTreeMap<String, Arc<dyn Runtime>> = BTreeMap::new();
     for name in names {
-        match name.as_str() {
-            "mock" => {
-                let rt = stacyvm_runtimes::mock::MockRuntime::new(state_dir.join("mock"))
-                    .map_err(|e| CliError::Failed(format!("mock runtime: {e}")))?;
-                out.insert("mock".into(), Arc::new(rt));
+        let failed =
+            |e: stacyvm_runtimes::RuntimeError| CliError::Failed(format!("{name} runtime: {e}"));
+        let rt: Arc<dyn Runtime> = match name.as_str() {
+            "mock" => Arc::new(MockRuntime::new(state_dir.join("mock")).map_err(failed)?),
+            "proot" => {
+                let mut images = BTreeMap::new();
+                for spec in &opts.proot_images {
+                    let Some((image, dir)) = spec.split_once('=') else {
+                        return Err(CliError::Usage(format!(
+                            "--proot-image {spec:?}: expected NAME=ROOTFS_DIR"
+                        )));
+                    };
+                    images.insert(image.trim().to_string(), PathBuf::from(dir.trim()));
+                }
+                let proot = stacyvm_runtimes::proot::ProotOptions {
+                    binary: opts.proot_bin.clone().unwrap_or_default(),
+                    images,
+                };
+                Arc::new(
+                    MockRuntime::proot(state_dir.join("proot"), MockOptions::from_env(), proot)
+                        .map_err(failed)?,
+                )
+            }
+            "docker" | "gvisor" | "kata" => {
+                let mut o = DockerOptions::new(name, state_dir.join(name))
+                    .ok_or_else(|| CliError::Usage(format!("unknown runtime {name:?}")))?;
+                o.instance = instance.to_string();
+                o.user = opts.docker_user.clone();
+                o.readonly_rootfs = opts.docker_readonly_rootfs;
+                o.pids_limit = opts.docker_pids_limit;
+                o.pull = if opts.docker_pull == "never" {
+                    PullPolicy::Never
+                } else {
+                    PullPolicy::Missing
+                };
+                Arc::new(DockerRuntime::connect(o).await.map_err(failed)?)
             }
             other => {
                 return Err(CliError::Usage(format!(
-                    "unknown runtime {other:?}; this build offers: mock"
+                    "unknown runtime {other:?}; this build offers: mock, proot, docker, gvisor, kata"
                 )));
             }
-        }
+        };
+        out.insert(name.clone(), rt);
     }
     Ok(out)
 }
@@ -1285,6 +1360,8 @@ pub enum Mode {
 #[derive(Clone, Debug)]
 pub struct LoopConfig {
     pub bootstrap: Vec<String>,
+    /// Local IP heartbeats leave from (`--source-ip`).
+    pub source_ip: Option<std::net::IpAddr>,
     pub rpc_url: String,
     pub advertised: Vec<String>,
     pub heartbeat: Duration,
@@ -1299,7 +1376,8 @@ impl Agent {
         cfg: LoopConfig,
         mut mode: tokio::sync::watch::Receiver<Mode>,
     ) -> Result<(), String> {
-        let mut attach = Attachment::new(cfg.bootstrap.clone()).map_err(|e| e.to_string())?;
+        let mut attach =
+            Attachment::new(cfg.bootstrap.clone(), cfg.source_ip).map_err(|e| e.to_string())?;
         let mut interval = cfg.heartbeat.max(Duration::from_millis(20));
         let mut drain_deadline: Option<Instant> = None;
         let mut attached = false;
@@ -1416,6 +1494,7 @@ async fn enrolled_credential(
     std::fs::create_dir_all(&args.state_dir).map_err(|e| CliError::Failed(e.to_string()))?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .local_address(args.source_ip)
         .build()
         .map_err(|e| CliError::Failed(e.to_string()))?;
     let mut last = String::from("no bootstrap replica given");
@@ -1506,7 +1585,7 @@ pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
     }
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| CliError::Failed(format!("state dir {}: {e}", args.state_dir.display())))?;
-    let runtimes = build_runtimes(&args.runtimes, &args.state_dir)?;
+    let runtimes = build_runtimes(&args.runtimes, &args.state_dir, &id, &args.runtime_opts).await?;
     let agent = Agent::with_credential(
         id.clone(),
         runtimes,
@@ -1575,6 +1654,7 @@ pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
     });
     let cfg = LoopConfig {
         bootstrap: args.bootstrap.clone(),
+        source_ip: args.source_ip,
         rpc_url,
         advertised,
         heartbeat: Duration::from_millis(args.heartbeat_ms),

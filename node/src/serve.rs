@@ -32,12 +32,21 @@ pub struct ServeArgs {
     /// Data directory: identity, Raft log, SQLite database, generated certificates.
     #[arg(long, env = "STACYVM_DATA_DIR", default_value = "stacyvm-data")]
     pub data_dir: PathBuf,
-    /// QUIC address for Raft traffic (bound and advertised).
+    /// QUIC address for Raft traffic (bound; advertised unless
+    /// --advertise-raft-addr is given). Raft calls to other replicas leave
+    /// from this address's IP when it is a loopback address.
     #[arg(long, env = "STACYVM_RAFT_ADDR", default_value = "127.0.0.1:7000")]
     pub raft_addr: SocketAddr,
-    /// HTTP API address (bound and advertised).
+    /// HTTP API address (bound; advertised unless --advertise-api-addr is given).
     #[arg(long, env = "STACYVM_API_ADDR", default_value = "127.0.0.1:7423")]
     pub api_addr: SocketAddr,
+    /// Raft address other replicas use to reach this one, when it differs
+    /// from the bound one (NAT, a proxy such as the chaos harness's).
+    #[arg(long, env = "STACYVM_ADVERTISE_RAFT_ADDR")]
+    pub advertise_raft_addr: Option<SocketAddr>,
+    /// API address workers and other replicas use to reach this one.
+    #[arg(long, env = "STACYVM_ADVERTISE_API_ADDR")]
+    pub advertise_api_addr: Option<SocketAddr>,
     /// Directory with ca.pem, node-<id>.pem and node-<id>-key.pem
     /// (default: <data-dir>/certs, generated for a one-replica bootstrap).
     #[arg(long, env = "STACYVM_CERTS_DIR")]
@@ -410,8 +419,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     }
     let store = stacyvm_store::open(&store_config(&args)?).await?;
     let me = NodeInfo {
-        raft_addr: args.raft_addr.to_string(),
-        api_addr: args.api_addr.to_string(),
+        raft_addr: args
+            .advertise_raft_addr
+            .unwrap_or(args.raft_addr)
+            .to_string(),
+        api_addr: args.advertise_api_addr.unwrap_or(args.api_addr).to_string(),
     };
     let timing = RaftTiming {
         heartbeat_ms: args.heartbeat_ms,

@@ -113,12 +113,26 @@ impl SledLog {
     }
 
     fn open_engine(dir: &Path) -> Result<Self, LogError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             // We flush explicitly on every write; no background flusher.
             .flush_every_ms(None)
-            .cache_capacity(64 * 1024 * 1024)
-            .open()?;
+            .cache_capacity(64 * 1024 * 1024);
+        // A log closed a moment ago in this process can still hold its file
+        // lock while sled's I/O threads finish: retry a locked log for up
+        // to 2 s before calling it taken (another process holds it).
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 40 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other?,
+            }
+        };
         let entries = db.open_tree("entries")?;
         let meta = db.open_tree("meta")?;
         Ok(SledLog { db, entries, meta })

@@ -520,7 +520,7 @@ impl Replica {
         let log = tokio::task::spawn_blocking(move || SledLog::open(&log_dir))
             .await
             .map_err(|e| StartError::Raft(e.to_string()))??;
-        let client = Arc::new(RpcClient::new(&cfg.tls)?);
+        let client = Arc::new(RpcClient::new(&cfg.tls)?.with_source_ip(cfg.bind.ip()));
         let sm = StoreStateMachine::new(cfg.store.clone());
         let raft = Raft::new(
             cfg.id,

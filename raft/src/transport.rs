@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -508,6 +508,9 @@ pub struct RpcClient {
     /// Endpoints by local bind address, created on first use so that
     /// [`RpcClient::new`] needs no runtime.
     endpoints: Mutex<HashMap<SocketAddr, Endpoint>>,
+    /// The loopback IP calls to loopback targets leave from (default
+    /// 127.0.0.1); see [`RpcClient::with_source_ip`].
+    loopback_source: Ipv4Addr,
     peers: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<Peer>>>>,
     connections_established: AtomicU64,
 }
@@ -527,6 +530,7 @@ impl RpcClient {
             node_id: tls.node_id,
             config: client_config(tls)?,
             endpoints: Mutex::new(HashMap::new()),
+            loopback_source: Ipv4Addr::LOCALHOST,
             peers: Mutex::new(HashMap::new()),
             connections_established: AtomicU64::new(0),
         })
@@ -686,11 +690,24 @@ impl RpcClient {
         }
     }
 
+    /// Calls to IPv4 loopback targets leave from `ip` when it is a loopback
+    /// address (a replica bound to 127.0.0.12 calls from 127.0.0.12), so a
+    /// proxy in front of a peer can tell which replica sent a datagram.
+    /// Other addresses leave the default (127.0.0.1) in place.
+    pub fn with_source_ip(mut self, ip: IpAddr) -> Self {
+        if let IpAddr::V4(v4) = ip
+            && v4.is_loopback()
+        {
+            self.loopback_source = v4;
+        }
+        self
+    }
+
     fn endpoint_for(&self, target: SocketAddr) -> Result<Endpoint, TransportError> {
         // A loopback target is reached from a loopback socket; anything
         // else from the unspecified address of the target's family.
         let bind: SocketAddr = match target {
-            SocketAddr::V4(v4) if v4.ip().is_loopback() => (Ipv4Addr::LOCALHOST, 0).into(),
+            SocketAddr::V4(v4) if v4.ip().is_loopback() => (self.loopback_source, 0).into(),
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(v6) if v6.ip().is_loopback() => (Ipv6Addr::LOCALHOST, 0).into(),
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),

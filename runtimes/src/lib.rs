@@ -25,8 +25,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
+pub mod docker;
+pub mod firecracker;
 pub mod mock;
 mod process;
+pub mod proot;
 pub mod sys;
 pub mod testing;
 

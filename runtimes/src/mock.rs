@@ -1,9 +1,11 @@
 //! The mock runtime: every sandbox is a host directory and its commands are
 //! ordinary host processes.
 //!
-//! Owns: the on-disk layout of a mock sandbox, its keeper process (the
-//! sandbox's "main process"), its log, the chaos evidence log, and the host
-//! file operations ([`files`]) that PRoot will share.
+//! Owns: the on-disk layout of a host-directory sandbox, its keeper process
+//! (the sandbox's "main process"), its log, the chaos evidence log, and the
+//! host file operations ([`files`]) that the Docker runtimes share. The PRoot
+//! runtime ([`crate::proot`]) is this same runtime with its commands run
+//! under `proot` in an image's root filesystem (`Jail::Proot`).
 //!
 //! Layout, one directory per sandbox under the state directory:
 //!
@@ -88,6 +90,16 @@ pub struct MockRuntime {
     state_dir: PathBuf,
     event_log: Option<PathBuf>,
     keeper: bool,
+    jail: Jail,
+}
+
+/// How a host-directory sandbox runs its commands.
+#[derive(Debug, Clone)]
+pub(crate) enum Jail {
+    /// Plain host processes: the mock.
+    Host,
+    /// Under PRoot, in the image's root filesystem (see [`crate::proot`]).
+    Proot(crate::proot::ProotOptions),
 }
 
 /// How a [`MockRuntime`] behaves; [`MockOptions::default`] is an evidence log
@@ -189,7 +201,14 @@ impl MockRuntime {
             state_dir,
             event_log,
             keeper,
+            jail: Jail::Host,
         })
+    }
+
+    /// The same runtime running its commands in `jail`.
+    pub(crate) fn jailed(mut self, jail: Jail) -> Self {
+        self.jail = jail;
+        self
     }
 
     /// The directory holding every sandbox.
@@ -275,8 +294,13 @@ impl MockRuntime {
         }
     }
 
-    /// The sandbox's root directory, for file operations (any state).
-    fn files_root(&self, sandbox_id: &str) -> Result<PathBuf, RuntimeError> {
+    /// The sandbox's root directory, for file operations on `path` (any
+    /// state). A jailed sandbox's root filesystem is its image's: only
+    /// `/workspace` is the sandbox's own.
+    fn files_root(&self, sandbox_id: &str, path: &str) -> Result<PathBuf, RuntimeError> {
+        if let Jail::Proot(_) = self.jail {
+            crate::docker::workspace_only(path)?;
+        }
         let (dir, _) = self.load(sandbox_id)?;
         Ok(Self::root_of(&dir))
     }
@@ -323,6 +347,21 @@ impl MockRuntime {
         env.extend(meta.env.clone());
         env.extend(spec.env.clone());
 
+        if let Jail::Proot(p) = &self.jail {
+            append_log(
+                &dir,
+                &format!("exec {:?} {:?} {:?}", spec.mode, spec.command, spec.args),
+            );
+            let workdir = crate::sandbox_path(&root, &cwd);
+            let mut cmd = p.command(&meta.image, &root.join("workspace"), &workdir, spec)?;
+            if !meta.env.contains_key("HOME") && !spec.env.contains_key("HOME") {
+                env.insert("HOME".into(), WORKSPACE.into());
+            }
+            cmd.env_clear()
+                .envs(env)
+                .current_dir(root.join("workspace"));
+            return Ok(cmd);
+        }
         let mut cmd = match spec.mode {
             ExecMode::Shell => {
                 let line = shell_line(&spec.command, &spec.args);
@@ -349,7 +388,10 @@ impl MockRuntime {
 #[async_trait]
 impl Runtime for MockRuntime {
     fn name(&self) -> &str {
-        "mock"
+        match self.jail {
+            Jail::Host => "mock",
+            Jail::Proot(_) => "proot",
+        }
     }
 
     async fn health(&self) -> Result<(), RuntimeError> {
@@ -366,6 +408,9 @@ impl Runtime for MockRuntime {
         if std::fs::metadata("/proc/self/stat").is_err() {
             return Err(RuntimeError::Unavailable("/proc is not mounted".into()));
         }
+        if let Jail::Proot(p) = &self.jail {
+            p.health().await?;
+        }
         Ok(())
     }
 
@@ -373,6 +418,9 @@ impl Runtime for MockRuntime {
         validate_id(&spec.sandbox_id)?;
         if spec.image.trim().is_empty() {
             return Err(RuntimeError::Invalid("image is empty".into()));
+        }
+        if let Jail::Proot(p) = &self.jail {
+            p.rootfs(&spec.image)?;
         }
         let id = spec.sandbox_id.as_str();
         let dir = self.sandbox_dir(id);
@@ -472,7 +520,7 @@ impl Runtime for MockRuntime {
         mode: u32,
         body: ByteReader,
     ) -> Result<u64, RuntimeError> {
-        files::write(&self.files_root(sandbox_id)?, path, mode, body).await
+        files::write(&self.files_root(sandbox_id, path)?, path, mode, body).await
     }
 
     async fn read_file(
@@ -480,7 +528,7 @@ impl Runtime for MockRuntime {
         sandbox_id: &str,
         path: &str,
     ) -> Result<(u64, ByteReader), RuntimeError> {
-        files::read(&self.files_root(sandbox_id)?, path).await
+        files::read(&self.files_root(sandbox_id, path)?, path).await
     }
 
     async fn list_files(
@@ -488,27 +536,33 @@ impl Runtime for MockRuntime {
         sandbox_id: &str,
         path: &str,
     ) -> Result<Vec<FileInfo>, RuntimeError> {
-        let root = self.files_root(sandbox_id)?;
+        let root = self.files_root(sandbox_id, path)?;
         let path = path.to_string();
         files::blocking(move || files::list(&root, &path)).await
     }
 
     async fn stat(&self, sandbox_id: &str, path: &str) -> Result<FileInfo, RuntimeError> {
-        files::stat(&self.files_root(sandbox_id)?, path)
+        files::stat(&self.files_root(sandbox_id, path)?, path)
     }
 
     async fn glob(&self, sandbox_id: &str, pattern: &str) -> Result<Vec<String>, RuntimeError> {
-        let root = self.files_root(sandbox_id)?;
+        let root = self.files_root(sandbox_id, pattern)?;
         let pattern = pattern.to_string();
         files::blocking(move || files::glob(&root, &pattern)).await
     }
 
     async fn rename(&self, sandbox_id: &str, from: &str, to: &str) -> Result<(), RuntimeError> {
-        files::rename(&self.files_root(sandbox_id)?, from, to)
+        files::rename(
+            &self
+                .files_root(sandbox_id, to)
+                .and(self.files_root(sandbox_id, from))?,
+            from,
+            to,
+        )
     }
 
     async fn chmod(&self, sandbox_id: &str, path: &str, mode: u32) -> Result<(), RuntimeError> {
-        files::chmod(&self.files_root(sandbox_id)?, path, mode)
+        files::chmod(&self.files_root(sandbox_id, path)?, path, mode)
     }
 
     async fn remove(
@@ -517,7 +571,7 @@ impl Runtime for MockRuntime {
         path: &str,
         recursive: bool,
     ) -> Result<(), RuntimeError> {
-        let root = self.files_root(sandbox_id)?;
+        let root = self.files_root(sandbox_id, path)?;
         let path = path.to_string();
         files::blocking(move || files::remove(&root, &path, recursive)).await
     }
@@ -615,7 +669,7 @@ impl MockRuntime {
     }
 }
 
-fn validate_id(id: &str) -> Result<(), RuntimeError> {
+pub(crate) fn validate_id(id: &str) -> Result<(), RuntimeError> {
     if id.is_empty() {
         return Err(RuntimeError::Invalid("sandbox id is empty".into()));
     }

@@ -52,6 +52,22 @@ pub trait Fixture: Send + Sync {
     async fn kill_main(&self, sandbox_id: &str);
     /// A new runtime instance over the same host state (a worker restart).
     async fn reopen(&self) -> Arc<dyn Runtime>;
+    /// What of this fixture's sandboxes is still on the host (containers,
+    /// processes), described for a failure message; checked after every case
+    /// once its sandboxes are destroyed.
+    async fn leftovers(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// For a fixture whose backend is missing on this host: under `CI=true` a
+/// failure (nothing may be skipped in CI), otherwise a loud `SKIP` line and `None`.
+pub fn skip_unless_ci(backend: &str, why: &str) -> Option<Box<dyn Fixture>> {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{backend} is required under CI=true but unavailable: {why}");
+    }
+    eprintln!("SKIP {backend} runtime contract: {why}");
+    None
 }
 
 /// What a case gets: the fixture, plus bookkeeping of the sandboxes it
@@ -164,6 +180,19 @@ pub async fn run_case(
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+    // Removal may finish asynchronously (a shim exiting): poll briefly.
+    let mut left = harness.fixture().leftovers().await;
+    for _ in 0..50 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        left = harness.fixture().leftovers().await;
+    }
+    assert!(
+        left.is_empty(),
+        "case {name} left behind on the host: {left:?}"
+    );
 }
 
 /// Expands to one `#[tokio::test]` per contract case. `$make` is called with

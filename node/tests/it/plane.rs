@@ -303,8 +303,14 @@ impl W {
             .enable_all()
             .build()
             .expect("worker runtime");
-        let runtimes =
-            agent::build_runtimes(&["mock".to_string()], state.path()).expect("runtimes");
+        let runtimes = agent::build_runtimes(
+            &["mock".to_string()],
+            state.path(),
+            "w",
+            &Default::default(),
+        )
+        .await
+        .expect("runtimes");
         let agent = Agent::with_credential(id.to_string(), runtimes, safety_margin, 0, credential);
         let a2 = agent.clone();
         rt.spawn(async move { a2.adopt().await })
@@ -325,6 +331,7 @@ impl W {
         });
         let (mode, rx) = tokio::sync::watch::channel(Mode::Run);
         let cfg = LoopConfig {
+            source_ip: None,
             bootstrap,
             rpc_url: rpc_url.clone(),
             advertised: vec!["mock".into()],

@@ -134,7 +134,15 @@ async fn restarted_follower_catches_up_from_the_log_and_after_purge_from_a_snaps
         write_ok(slots[leader].r(), &id).await;
         acked.push(id);
     }
-    let purged = slots[leader].r().raft().metrics().borrow().purged;
+    // Snapshots are built and the log purged in the background: wait for it.
+    let mut purged = None;
+    for _ in 0..200 {
+        purged = slots[leader].r().raft().metrics().borrow().purged;
+        if purged.is_some_and(|p| p.index > 50) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         purged.is_some_and(|p| p.index > 50),
         "leader purged its log: {purged:?}"
