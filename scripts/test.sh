@@ -3,8 +3,9 @@
 #   cargo fmt --check, cargo clippy -D warnings, cargo nextest run --workspace,
 #   then the remote-worker smoke (real processes) on SQLite, the cluster
 #   conformance script (every matrix line; the Postgres smoke, plain and mTLS),
-#   and runtime certification (scripts/certify-runtime.sh: mock, docker,
+#   runtime certification (scripts/certify-runtime.sh: mock, docker,
 #   gvisor and proot must PASS; kata and firecracker report what this host lacks),
+#   and the chaos `ci` profile (chaos/: >= 100 faults, zero violations),
 # with a throwaway Postgres (initdb + pg_ctl in a temp dir, free loopback port,
 # stopped on exit) unless STACYVM_POSTGRES_TEST_DSN is already set, and a
 # throwaway dockerd (--bridge=none --iptables=false, runsc registered) with a
@@ -78,4 +79,9 @@ step conformance scripts/ci-cluster-conformance.sh
 for rt in mock docker gvisor proot kata firecracker; do
   step "certify-$rt" scripts/certify-runtime.sh "$rt" --format markdown --output "target/certify-runtime/$rt.md"
 done
+# Chaos (chaos/): the `ci` profile against the built binary, >= 100 faults
+# across every nemesis; report under $CARGO_TARGET_DIR/chaos/<seed>.
+# STACYVM_CHAOS_SEED replays a seed (default: a new one, printed).
+step chaos-build cargo build --locked -p stacyvm-node -p stacyvm-chaos --bins
+step chaos "${CARGO_TARGET_DIR:-target}/debug/stacyvm-chaos" --profile ci ${STACYVM_CHAOS_SEED:+--seed "$STACYVM_CHAOS_SEED"}
 summary

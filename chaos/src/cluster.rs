@@ -194,8 +194,11 @@ impl Cluster {
     /// bootstrapped from all of them) and the workers, and waits until every
     /// replica is ready and every worker is online.
     pub async fn start(opts: Options, links: Links) -> Result<Cluster, ClusterError> {
+        // STACYVM_CHAOS_KEEP=1 keeps the directory (configs, data, logs).
+        let keep = std::env::var("STACYVM_CHAOS_KEEP").is_ok_and(|v| v == "1");
         let dir = tempfile::Builder::new()
             .prefix("stacyvm-chaos.")
+            .disable_cleanup(keep)
             .tempdir()
             .map_err(io("temp dir"))?;
         let certs = dir.path().join("certs");

@@ -479,7 +479,10 @@ impl Nemesis {
             .map(|(f, _)| match f.kind {
                 Kind::PauseWorker | Kind::PartitionWorker => ttl + c.opts.offline_grace_ms + 700,
                 Kind::PauseLeader => ttl + 500,
-                Kind::KillLeader | Kind::KillFollower => 700,
+                // Sometimes back before the others' leader lease runs out
+                // (a restarted leader may resume its term), sometimes long
+                // after (a real failover).
+                Kind::KillLeader | Kind::KillFollower => self.rng.range(500, 2500),
                 Kind::AddReplica | Kind::RemoveReplica | Kind::StaleRestart | Kind::KillWorker => {
                     200
                 }

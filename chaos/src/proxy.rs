@@ -184,9 +184,20 @@ pub async fn udp(
                     let (front, sock2, links) = (front.clone(), sock.clone(), links.clone());
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65_536];
-                        while let Ok(n) = sock2.recv(&mut buf).await {
-                            if let Verdict::Pass(d) = links.verdict(target, from) {
-                                forward(front.clone(), buf[..n].to_vec(), Some(src), d).await;
+                        loop {
+                            match sock2.recv(&mut buf).await {
+                                Ok(n) => {
+                                    if let Verdict::Pass(d) = links.verdict(target, from) {
+                                        forward(front.clone(), buf[..n].to_vec(), Some(src), d)
+                                            .await;
+                                    }
+                                }
+                                // A connected UDP socket reports the ICMP
+                                // "port unreachable" of a target that is down
+                                // (not started yet, killed) as an error on the
+                                // next recv; the target may come back on the
+                                // same port, so keep listening.
+                                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
                             }
                         }
                     });

@@ -322,6 +322,7 @@ pub fn guard_of(method: &axum::http::Method, path: &str) -> Guard {
         "/api/v1/cluster/join",
         "/api/v1/cluster/leave",
         "/api/v1/cluster/transfer-leader",
+        "/api/v1/cluster/incarnation",
     ];
     if *method == Method::POST && admin_posts.contains(&path) {
         return Guard::Admin;
@@ -443,6 +444,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/cluster/digest", get(cluster_digest))
         .route("/api/v1/cluster/join", post(cluster_join))
         .route("/api/v1/cluster/leave", post(cluster_leave))
+        .route("/api/v1/cluster/incarnation", post(cluster_incarnation))
         .route("/api/v1/cluster/transfer-leader", post(cluster_transfer))
         .route("/api/v1/leases/acquire", post(lease_acquire))
         .route("/api/v1/leases/renew", post(lease_renew))
@@ -609,6 +611,44 @@ async fn cluster_join(
     Ok(Json(JoinResponse {
         cluster_id: s.cluster_id.clone(),
     }))
+}
+
+/// `POST /api/v1/cluster/incarnation`: a restarting replica has the start
+/// it is making recorded before it takes part in Raft (see `serve`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncarnationRequest {
+    pub node_id: u64,
+    pub incarnation: u64,
+    pub boot_id: String,
+}
+
+async fn cluster_incarnation(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<IncarnationRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (Ok(node_id), Ok(incarnation)) =
+        (i64::try_from(req.node_id), i64::try_from(req.incarnation))
+    else {
+        return Err(ApiError::bad_request("node id or incarnation out of range"));
+    };
+    let m = Mutation::RecordIncarnation {
+        node_id,
+        incarnation,
+        boot_id: req.boot_id,
+        at: stacyvm_store::Ts::now(),
+    };
+    match s.write_one(m).await {
+        Ok(_) => Ok(Json(
+            serde_json::json!({ "node_id": node_id, "incarnation": incarnation }),
+        )),
+        Err(e) if e.code == "CONFLICT" => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "STALE_REPLICA",
+            e.message,
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 /// `POST /api/v1/cluster/leave` and `transfer-leader`.

@@ -279,6 +279,139 @@ async fn join_via(
     }
 }
 
+/// This start's incarnation: one above the last one recorded in the data
+/// directory (1 for a new one), written and synced before it is used.
+#[derive(Clone, Debug)]
+struct Boot {
+    incarnation: u64,
+    boot_id: String,
+}
+
+const INCARNATION_FILE: &str = "incarnation";
+
+fn bump_incarnation(data_dir: &std::path::Path) -> Result<Boot, CliError> {
+    use std::io::Write;
+    let path = data_dir.join(INCARNATION_FILE);
+    let last = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse::<u64>().map_err(|_| {
+            CliError::Failed(format!("{} is damaged: {:?}", path.display(), s.trim()))
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(CliError::Failed(format!("{}: {e}", path.display()))),
+    };
+    let incarnation = last + 1;
+    let tmp = data_dir.join(format!("{INCARNATION_FILE}.tmp"));
+    let io = |e: std::io::Error| CliError::Failed(format!("{}: {e}", path.display()));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    writeln!(f, "{incarnation}").map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    std::fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    let boot_id = format!("{:016x}", rand::random::<u64>());
+    Ok(Boot {
+        incarnation,
+        boot_id,
+    })
+}
+
+enum Registered {
+    Yes,
+    /// The cluster knows a newer start of this replica.
+    Stale(String),
+    /// No member recorded it (none reachable, or no leader).
+    NoAnswer,
+}
+
+/// Asks the members to record this start. Unreachable members are not
+/// waited for; members without a leader are asked again for a few seconds.
+async fn register_incarnation(
+    members: &[String],
+    node_id: u64,
+    boot: &Boot,
+    admin_key: Option<&str>,
+) -> Registered {
+    let Ok(http) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+    else {
+        return Registered::NoAnswer;
+    };
+    let req = crate::api::IncarnationRequest {
+        node_id,
+        incarnation: boot.incarnation,
+        boot_id: boot.boot_id.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let mut answered = false;
+        for m in members {
+            let mut b = http
+                .post(format!("http://{m}/api/v1/cluster/incarnation"))
+                .json(&req);
+            if let Some(k) = admin_key {
+                b = b.header("x-admin-api-key", k);
+            }
+            match b.send().await {
+                Ok(r) if r.status().is_success() => return Registered::Yes,
+                Ok(r) if r.status() == reqwest::StatusCode::CONFLICT => {
+                    let body: serde_json::Value = r.json().await.unwrap_or_default();
+                    let msg = body
+                        .get("message")
+                        .and_then(|m| m.as_str())
+                        .unwrap_or("stale incarnation")
+                        .to_string();
+                    return Registered::Stale(msg);
+                }
+                Ok(_) => answered = true,
+                Err(e) if !e.is_connect() => answered = true,
+                Err(_) => {}
+            }
+        }
+        if !answered || Instant::now() > deadline {
+            return Registered::NoAnswer;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Records this start through the replica itself once a leader exists;
+/// exits the process if the cluster knows a newer start.
+async fn register_through(replica: &Replica, node_id: u64, boot: &Boot) {
+    use stacyvm_raft::codec::Command;
+    use stacyvm_raft::types::Response;
+    let (Ok(node), Ok(incarnation)) = (i64::try_from(node_id), i64::try_from(boot.incarnation))
+    else {
+        return;
+    };
+    loop {
+        let m = stacyvm_store::Mutation::RecordIncarnation {
+            node_id: node,
+            incarnation,
+            boot_id: boot.boot_id.clone(),
+            at: stacyvm_store::Ts::now(),
+        };
+        match replica.write(Command::Store(vec![m])).await {
+            Ok(Response::Applied(r)) => match r.into_iter().next() {
+                Some(Err(stacyvm_store::StoreError::Conflict { reason, .. })) => {
+                    tracing::error!(
+                        node_id,
+                        "this data directory is older than a start this replica already made ({reason}); stopping: wipe it and add the replica back under a new node id"
+                    );
+                    std::process::exit(3);
+                }
+                _ => {
+                    tracing::info!(node_id, incarnation, "start recorded by the cluster");
+                    return;
+                }
+            },
+            Ok(_) => return,
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
 /// The cluster ID a member's API reports, if it answers within a few seconds.
 async fn remote_cluster_id(member: &str) -> Option<String> {
     let http = reqwest::Client::builder()
@@ -417,6 +550,32 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
             "--shared-database needs --database-driver postgres".into(),
         ));
     }
+    // Every start is a new incarnation; a resumed replica has it recorded by
+    // the cluster before it takes part, so a restart from an older copy of
+    // this data directory is refused instead of trusted (its votes and
+    // acknowledged entries may be missing from that copy).
+    let boot = bump_incarnation(&args.data_dir)?;
+    let mut register_after_start = false;
+    if let StartPlan::Resume(_) = &plan {
+        let mut members: Vec<String> = peers
+            .iter()
+            .filter(|(id, _)| **id != args.id)
+            .map(|(_, n)| n.api_addr.clone())
+            .collect();
+        members.extend(args.join.iter().cloned());
+        match register_incarnation(&members, args.id, &boot, admin_key.as_deref()).await {
+            Registered::Yes => {}
+            Registered::Stale(why) => {
+                return Err(CliError::Refused(format!(
+                    "this data directory is older than a start replica {} already made ({why}); \
+                     it cannot be trusted: wipe {} and add the replica back under a new node id",
+                    args.id,
+                    args.data_dir.display()
+                )));
+            }
+            Registered::NoAnswer => register_after_start = true,
+        }
+    }
     let store = stacyvm_store::open(&store_config(&args)?).await?;
     let me = NodeInfo {
         raft_addr: args
@@ -444,6 +603,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     .await
     .map_err(|e| CliError::Failed(e.to_string()))?;
     let replica = Arc::new(replica);
+    if register_after_start {
+        // No member could record it before the start (no leader, say after a
+        // whole-cluster restart): record it as soon as a leader exists, and
+        // stop at once if the cluster knows a newer start of this replica.
+        let (r, id, boot) = (replica.clone(), args.id, boot.clone());
+        tokio::spawn(async move { register_through(&r, id, &boot).await });
+    }
 
     let cluster_id = match plan {
         StartPlan::Resume(id) => {

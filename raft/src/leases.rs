@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use stacyvm_store::Lease;
+use stacyvm_store::{Lease, Ts};
 
 /// A lease a worker says it holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,9 +84,14 @@ impl LeaseTable {
         }
     }
 
-    /// True when `l` may be handed to someone else at `now`.
-    pub fn is_expired(&self, l: &Lease, now: Instant) -> bool {
-        self.deadline(l) <= now
+    /// True when `l` may be handed to someone else at `now` (`wall_now` on
+    /// the wall clock the store's timestamps use). Both the leader's
+    /// deadline and the lease's own stored expiry must have passed: a grant
+    /// is applied to the store a moment before it is recorded here, and in
+    /// that moment an unrecorded lease must not look expired (it would be
+    /// handed to a second holder, or its renewal refused).
+    pub fn is_expired(&self, l: &Lease, now: Instant, wall_now: Ts) -> bool {
+        l.expires_at <= wall_now && self.deadline(l) <= now
     }
 
     /// Records a grant the log just committed.
@@ -113,6 +118,7 @@ impl LeaseTable {
         holder: &str,
         claims: &[(HeldLease, Option<Lease>)],
         now: Instant,
+        wall_now: Ts,
     ) -> RenewOutcome {
         let mut out = RenewOutcome::default();
         let mut ttl_ms = i64::MAX;
@@ -120,7 +126,7 @@ impl LeaseTable {
             let valid = row.as_ref().filter(|l| {
                 l.holder_id == holder
                     && l.generation == claim.generation
-                    && !self.is_expired(l, now)
+                    && !self.is_expired(l, now, wall_now)
             });
             match valid {
                 Some(l) => {
@@ -140,7 +146,9 @@ impl LeaseTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stacyvm_store::Ts;
+
+    /// A wall clock long after every test lease's stored expiry.
+    const LATER: Ts = Ts(1_000_000_000_000);
 
     fn lease(holder: &str, generation: i64, ttl_ms: i64) -> Lease {
         Lease {
@@ -168,8 +176,34 @@ mod tests {
         let l = lease("w1", 3, 1_000);
         // The lease's stored expiry is long past in wall-clock terms, but this
         // leader has never seen it renewed: it is valid for a TTL after election.
-        assert!(!table.is_expired(&l, t0 + Duration::from_millis(999)));
-        assert!(table.is_expired(&l, t0 + Duration::from_millis(1_000)));
+        assert!(!table.is_expired(&l, t0 + Duration::from_millis(999), LATER));
+        assert!(table.is_expired(&l, t0 + Duration::from_millis(1_000), LATER));
+    }
+
+    #[test]
+    fn a_grant_not_yet_recorded_is_not_expired() {
+        // A leader in office for a minute; a grant it has applied to the
+        // store but not yet recorded in its table (the apply-to-record gap).
+        let t0 = Instant::now();
+        let table = LeaseTable::new(3, t0);
+        let now = t0 + Duration::from_secs(60);
+        let granted_wall = Ts(5_000_000_000);
+        let mut fresh = lease("w1", 9, 1_500);
+        fresh.granted_at = granted_wall;
+        fresh.expires_at = granted_wall.plus_millis(1_500);
+        // 100 ms after the grant: the table alone would call it expired
+        // (elected_at + TTL is long past); the stored expiry says no.
+        assert!(!table.is_expired(&fresh, now, granted_wall.plus_millis(100)));
+        let mut renewing = table.clone();
+        let out = renewing.renew(
+            "w1",
+            &[(claim(9), Some(fresh.clone()))],
+            now,
+            granted_wall.plus_millis(100),
+        );
+        assert_eq!(out.renewed, vec![claim(9)], "a fresh grant renews");
+        // Once both the stored expiry and the deadline have passed, it is.
+        assert!(table.is_expired(&fresh, now, granted_wall.plus_millis(1_500)));
     }
 
     #[test]
@@ -214,7 +248,7 @@ mod tests {
         ];
         for (name, holder, generation, row, at, want) in cases {
             let mut table = LeaseTable::new(1, t0);
-            let out = table.renew(holder, &[(claim(generation), row)], t0 + at);
+            let out = table.renew(holder, &[(claim(generation), row)], t0 + at, LATER);
             assert_eq!(out.renewed.len() == 1, want, "{name}: {out:?}");
             assert_eq!(out.lost.len() == 1, !want, "{name}: {out:?}");
             if want {
@@ -231,16 +265,16 @@ mod tests {
         let ms = Duration::from_millis;
         assert_eq!(
             table
-                .renew("w1", &[(claim(3), Some(l.clone()))], t0 + ms(900))
+                .renew("w1", &[(claim(3), Some(l.clone()))], t0 + ms(900), LATER)
                 .renewed
                 .len(),
             1
         );
         assert!(
-            !table.is_expired(&l, t0 + ms(1_899)),
+            !table.is_expired(&l, t0 + ms(1_899), LATER),
             "renewed at 900 ms for 1 s"
         );
-        assert!(table.is_expired(&l, t0 + ms(1_900)));
+        assert!(table.is_expired(&l, t0 + ms(1_900), LATER));
         // A new generation (a new grant) does not inherit the old deadline.
         let regranted = lease("w2", 4, 1_000);
         assert_eq!(table.deadline(&regranted), t0 + ms(1_000));

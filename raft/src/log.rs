@@ -120,12 +120,12 @@ impl SledLog {
             .cache_capacity(64 * 1024 * 1024);
         // A log closed a moment ago in this process can still hold its file
         // lock while sled's I/O threads finish: retry a locked log for up
-        // to 2 s before calling it taken (another process holds it).
+        // to 10 s (a loaded machine) before calling it taken (another process holds it).
         let mut attempts = 0;
         let db = loop {
             match config.open() {
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 40 =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 200 =>
                 {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));

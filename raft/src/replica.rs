@@ -353,7 +353,7 @@ impl Handler {
         let mut now = Ts::now();
         if let Some(l) = current.as_ref().filter(|l| l.holder_id != holder_id) {
             let expired = self
-                .with_table(|t| t.is_expired(l, Instant::now()))
+                .with_table(|t| t.is_expired(l, Instant::now(), Ts::now()))
                 .unwrap_or(false);
             if !expired {
                 return Err(LeaseError::Store(StoreError::Conflict {
@@ -431,7 +431,7 @@ impl Handler {
             })
             .collect();
         Ok(self
-            .with_table(|t| t.renew(holder_id, &claims, Instant::now()))
+            .with_table(|t| t.renew(holder_id, &claims, Instant::now(), Ts::now()))
             .unwrap_or_default())
     }
 

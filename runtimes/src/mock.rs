@@ -47,11 +47,12 @@
 //! A start is written before the keeper starts and a stop after it is known
 //! dead, so each start..stop interval covers the sandbox's real lifetime.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -91,6 +92,10 @@ pub struct MockRuntime {
     event_log: Option<PathBuf>,
     keeper: bool,
     jail: Jail,
+    /// Sandboxes this instance is starting right now: their metadata may
+    /// still name no keeper. Any other sandbox without a keeper PID was
+    /// being started by a worker that died mid-spawn (see `observe`).
+    spawning: Arc<Mutex<HashSet<String>>>,
 }
 
 /// How a host-directory sandbox runs its commands.
@@ -202,6 +207,7 @@ impl MockRuntime {
             event_log,
             keeper,
             jail: Jail::Host,
+            spawning: Arc::default(),
         })
     }
 
@@ -243,6 +249,17 @@ impl MockRuntime {
             } else {
                 RuntimeState::Running
             };
+        }
+        if meta.keeper_pid == 0 {
+            if lk(&self.spawning).contains(&meta.sandbox_id) {
+                return RuntimeState::Running;
+            }
+            // Its worker died between recording the start and recording
+            // the keeper: the keeper may run unrecorded. Find it (and any
+            // child) by the sandbox root in its environment and stop it.
+            process::kill_pids(&pids_with_root(&Self::root_of(dir)));
+            self.record_stop(dir, meta);
+            return RuntimeState::Stopped;
         }
         if keeper_alive(meta.keeper_pid, &meta.sandbox_id) {
             RuntimeState::Running
@@ -436,7 +453,10 @@ impl Runtime for MockRuntime {
                 )));
             }
         }
-        match self.start(&dir, spec).await {
+        lk(&self.spawning).insert(id.to_string());
+        let started = self.start(&dir, spec).await;
+        lk(&self.spawning).remove(id);
+        match started {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -611,8 +631,11 @@ impl MockRuntime {
             keeperless: !self.keeper,
             created_at: rfc3339(SystemTime::now()),
         };
-        // The start is evidence before the keeper exists, so the recorded
-        // interval never starts after the sandbox did.
+        // Metadata first (no keeper yet), so a worker that dies from here on
+        // leaves a sandbox its successor finds, stops and reports (`observe`);
+        // then the start is evidence before the keeper exists, so the
+        // recorded interval never starts after the sandbox did.
+        write_meta(dir, &meta)?;
         self.event("start", &meta);
         if meta.keeperless {
             // Running from the moment its metadata exists.
@@ -753,6 +776,11 @@ fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
 
 /// Is `pid` this sandbox's keeper, alive (not a zombie)? The command line
 /// check makes a reused pid count as dead.
+/// A poisoned lock still guards a plain set: take it.
+fn lk<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn keeper_alive(pid: u32, sandbox_id: &str) -> bool {
     if pid <= 1 {
         return false;

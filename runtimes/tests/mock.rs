@@ -368,3 +368,47 @@ async fn keeper_off_sandboxes_run_until_destroyed() {
     assert_eq!(keepers_of(&b).len(), 1);
     other.destroy(&b).await.expect("destroy b");
 }
+
+/// A worker that dies mid-spawn, after the start is on record but before
+/// the keeper's PID is: its successor finds the sandbox, stops the
+/// unrecorded keeper (found by the sandbox root in its environment),
+/// reports it stopped, and the evidence log closes the interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_spawn_is_stopped_by_the_next_instance() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log: PathBuf = dir.path().join("events.jsonl");
+    let state = dir.path().join("state");
+    let rt = MockRuntime::with_event_log(&state, Some(log.clone())).expect("mock runtime");
+    let id = random_sandbox_id();
+    rt.spawn(&spec(&id, "w-1", 4)).await.expect("spawn");
+    assert_eq!(keepers_of(&id).len(), 1, "keeper running");
+    // What a crash between the two metadata writes leaves: no keeper PID.
+    let meta_path = state.join(&id).join("meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).expect("meta")).expect("json");
+    meta["keeper_pid"] = 0.into();
+    std::fs::write(&meta_path, meta.to_string()).expect("rewrite meta");
+    drop(rt);
+
+    let next = MockRuntime::with_event_log(&state, Some(log.clone())).expect("reopen");
+    let listed = next.list().await.expect("list");
+    let me = listed
+        .iter()
+        .find(|s| s.sandbox_id == id)
+        .expect("the interrupted sandbox is listed, not hidden");
+    assert_eq!(me.state, RuntimeState::Stopped);
+    for _ in 0..100 {
+        if keepers_of(&id).is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(keepers_of(&id).is_empty(), "unrecorded keeper stopped");
+    let kinds: Vec<String> = events(&log)
+        .iter()
+        .filter(|e| e["sandbox_id"] == id.as_str())
+        .map(|e| e["event"].as_str().unwrap_or("?").to_string())
+        .collect();
+    assert_eq!(kinds, ["start", "stop"]);
+    next.destroy(&id).await.expect("destroy");
+}

@@ -52,6 +52,7 @@ pub const SQLITE: &[Migration] = embed!("sqlite":
     4 => "0004_audit_identity_raft",
     5 => "0005_cluster",
     6 => "0006_enrollment",
+    7 => "0007_incarnations",
 );
 
 /// Postgres migrations, in order; the same versions as [`SQLITE`].
@@ -62,6 +63,7 @@ pub const POSTGRES: &[Migration] = embed!("postgres":
     4 => "0004_audit_identity_raft",
     5 => "0005_cluster",
     6 => "0006_enrollment",
+    7 => "0007_incarnations",
 );
 
 /// Why migrating failed. Messages say what to do next and never carry a DSN.

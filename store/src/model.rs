@@ -723,4 +723,7 @@ pub struct StoreSnapshot {
     pub enrollments: Vec<Enrollment>,
     /// Enrolled worker credentials (hashed), by worker ID.
     pub worker_credentials: Vec<WorkerCredential>,
+    /// `(node_id, incarnation, boot_id, updated_at)`: each replica's newest start.
+    #[serde(default)]
+    pub incarnations: Vec<(i64, i64, String, Ts)>,
 }

@@ -171,6 +171,15 @@ pub enum Mutation {
     PruneEnrollments {
         before: Ts,
     },
+    /// Record that replica `node_id` started as `incarnation` (boot `boot_id`).
+    /// `Conflict` with reason "stale incarnation" unless `incarnation` is above
+    /// the recorded one, or equal to it with the same `boot_id` (a retry).
+    RecordIncarnation {
+        node_id: i64,
+        incarnation: i64,
+        boot_id: String,
+        at: Ts,
+    },
 }
 
 /// What a successful mutation produced.
@@ -247,6 +256,19 @@ impl Mutation {
                 StoreError::Invalid(format!("node id must be at least 1 (got {node_id})")),
             ),
             Mutation::RecordRemovedNode { .. } => Ok(()),
+            Mutation::RecordIncarnation {
+                node_id,
+                incarnation,
+                boot_id,
+                ..
+            } => {
+                if *node_id < 1 || *incarnation < 1 {
+                    return Err(StoreError::Invalid(format!(
+                        "node id and incarnation must be at least 1 (got {node_id}, {incarnation})"
+                    )));
+                }
+                check_id("boot id", boot_id)
+            }
             Mutation::CreateEnrollment(e) => e.validate(),
             Mutation::ConsumeEnrollment {
                 token_hash,

@@ -864,6 +864,38 @@ macro_rules! sql_store {
                     .bind(*at);
                     exec_count(conn, q, "removed node").await.map(|_| MutationOutput::Done)
                 }
+                Mutation::RecordIncarnation { node_id, incarnation, boot_id, at } => {
+                    let q = sqlx::query(
+                        "SELECT incarnation, boot_id FROM replica_incarnations WHERE node_id = $1",
+                    )
+                    .bind(*node_id);
+                    let row = q
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(|e| StoreError::from_sqlx(e, "incarnation", ""))?;
+                    if let Some(r) = row {
+                        let have: i64 = r.try_get(0).map_err(|e| StoreError::from_sqlx(e, "incarnation", ""))?;
+                        let have_boot: String = r.try_get(1).map_err(|e| StoreError::from_sqlx(e, "incarnation", ""))?;
+                        if *incarnation < have || (*incarnation == have && *boot_id != have_boot) {
+                            return Err(StoreError::conflict(
+                                "incarnation",
+                                &node_id.to_string(),
+                                format!("stale incarnation: {incarnation} is not above {have}, the newest recorded start of replica {node_id}"),
+                            ));
+                        }
+                    }
+                    let q = sqlx::query(
+                        "INSERT INTO replica_incarnations (node_id, incarnation, boot_id, updated_at) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (node_id) DO UPDATE SET \
+                         incarnation = excluded.incarnation, boot_id = excluded.boot_id, \
+                         updated_at = excluded.updated_at",
+                    )
+                    .bind(*node_id)
+                    .bind(*incarnation)
+                    .bind(boot_id)
+                    .bind(*at);
+                    exec_count(conn, q, "incarnation").await.map(|_| MutationOutput::Done)
+                }
                 Mutation::CreateEnrollment(e) => {
                     let sql = format!(
                         "INSERT INTO worker_enrollments ({ENROLLMENT_COLS}) VALUES ($1, $2, $3, $4, $5)"
@@ -988,6 +1020,10 @@ macro_rules! sql_store {
             Ok((r.try_get(0)?, r.try_get(1)?))
         }
 
+        fn incarnation_row(r: &DbRow) -> Result<(i64, i64, String, Ts), sqlx::Error> {
+            Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?))
+        }
+
         async fn export_all(conn: &mut $conn) -> Result<StoreSnapshot, StoreError> {
             let raft = dump(conn, "applied_index, applied_log, membership", "raft_state", "id", raft_row)
                 .await?
@@ -1019,6 +1055,14 @@ macro_rules! sql_store {
                 enrollments: dump(conn, ENROLLMENT_COLS, "worker_enrollments", "token_hash", enrollment_row).await?,
                 worker_credentials: dump(conn, CREDENTIAL_COLS, "worker_credentials", "worker_id", credential_row)
                     .await?,
+                incarnations: dump(
+                    conn,
+                    "node_id, incarnation, boot_id, updated_at",
+                    "replica_incarnations",
+                    "node_id",
+                    incarnation_row,
+                )
+                .await?,
             })
         }
 
@@ -1028,7 +1072,7 @@ macro_rules! sql_store {
                 "exec_logs", "tenant_members", "policies", "sandboxes", "tenants", "leases",
                 "lease_generations", "workers", "owner_quotas", "templates", "admin_audit",
                 "operation_audit", "revoked_worker_tokens", "removed_nodes", "worker_enrollments",
-                "worker_credentials",
+                "worker_credentials", "replica_incarnations",
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}")))
                     .execute(&mut *conn)
@@ -1049,6 +1093,12 @@ macro_rules! sql_store {
             all.extend(snap.operation_audit.iter().cloned().map(Mutation::AppendOperationAudit));
             all.extend(snap.revoked_tokens.iter().cloned().map(Mutation::RevokeToken));
             all.extend(snap.removed_nodes.iter().map(|(node_id, at)| Mutation::RecordRemovedNode { node_id: *node_id, at: *at }));
+            all.extend(snap.incarnations.iter().map(|(node_id, incarnation, boot_id, at)| Mutation::RecordIncarnation {
+                node_id: *node_id,
+                incarnation: *incarnation,
+                boot_id: boot_id.clone(),
+                at: *at,
+            }));
             // Used enrollments keep their `used_at`: CreateEnrollment stores it as given.
             all.extend(snap.enrollments.iter().cloned().map(Mutation::CreateEnrollment));
             for m in &all {

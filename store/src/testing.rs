@@ -1262,6 +1262,26 @@ pub mod cases {
             exec(s, Mutation::RecordRemovedNode { node_id: 0, at: T0 }).await,
             "node id 0",
         );
+        // Incarnations only move forward; the same start may be recorded twice.
+        let inc = |n: i64, boot: &str| Mutation::RecordIncarnation {
+            node_id: 2,
+            incarnation: n,
+            boot_id: boot.into(),
+            at: T0,
+        };
+        ok(s, inc(1, "boot-a")).await;
+        ok(s, inc(1, "boot-a")).await;
+        ok(s, inc(3, "boot-b")).await;
+        assert_conflict(
+            exec(s, inc(3, "boot-c")).await,
+            "same incarnation, other boot",
+        );
+        assert_conflict(exec(s, inc(2, "boot-d")).await, "older incarnation");
+        ok(s, inc(4, "boot-e")).await;
+        let snap = s.export_snapshot().await.unwrap();
+        assert_eq!(snap.incarnations.len(), 1);
+        assert_eq!(snap.incarnations[0].1, 4);
+        assert_invalid(exec(s, inc(0, "boot-f")).await, "incarnation 0");
         let r = |jti: &str, exp_ms: i64| RevokedToken {
             jti: jti.into(),
             reason: "leaked".into(),

@@ -74,6 +74,8 @@ const EXPECTED_ERRORS: &[&str] = &[
     // and pause makes some.
     "openraft::replication: RPCError err=Unreachable",
     "openraft::replication: RPCError err=Network",
+    "openraft::replication: RPCError err=timeout",
+    "openraft::core::raft_core: timeout error=timeout after",
     "timeout while confirming leadership for read request",
     "while requesting vote error=Unreachable",
     "while requesting vote error=Network",
@@ -441,10 +443,39 @@ async fn final_checks(c: &mut Cluster, ops: &[checker::Op]) -> Result<Vec<Violat
             continue;
         };
         if !matches!(state, "destroyed") {
-            let _ = http
-                .delete(format!("{url}/api/v1/sandboxes/{id}"))
-                .send()
-                .await;
+            // Retried: a destroy refused now (worker busy, leader moving)
+            // would otherwise show up as an orphan below.
+            let mut last = String::new();
+            let mut done = false;
+            for _ in 0..10 {
+                match http
+                    .delete(format!("{url}/api/v1/sandboxes/{id}"))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => {
+                        done = true;
+                        break;
+                    }
+                    Ok(r) => {
+                        last = format!(
+                            "HTTP {}: {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        )
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            if !done {
+                v.push(Violation {
+                    rule: "destroy_failed".into(),
+                    detail: format!(
+                        "{id} ({state}) could not be destroyed after the faults healed: {last}"
+                    ),
+                });
+            }
         }
     }
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -740,7 +740,7 @@ impl Control {
             )
             .await?;
         if let Some(Err(e)) = extra.into_iter().next() {
-            self.revoke_and_destroy(&id, true).await;
+            self.revoke_and_destroy_or_log(&id, true).await;
             return Err(e.into());
         }
         let target = self.target(worker_id, &worker.rpc_url, lease.generation, request_id);
@@ -764,7 +764,7 @@ impl Control {
                 if !matches!(e, WorkerCallError::Refused { .. }) {
                     let _ = self.rpc.destroy(&target, &id).await;
                 }
-                self.revoke_and_destroy(&id, true).await;
+                self.revoke_and_destroy_or_log(&id, true).await;
                 return Err(e.into());
             }
         };
@@ -788,7 +788,7 @@ impl Control {
             };
             if let Some(why) = failed {
                 let _ = self.rpc.destroy(&target, &id).await;
-                self.revoke_and_destroy(&id, true).await;
+                self.revoke_and_destroy_or_log(&id, true).await;
                 return Err(ControlError::BadRequest(format!(
                     "template setup step {} ({cmd:?}) failed: {why}",
                     i + 1
@@ -822,7 +822,10 @@ impl Control {
 
     /// Revokes a sandbox's lease and marks it destroyed, in one entry.
     /// Errors are logged: the reconciler closes whatever is left.
-    async fn revoke_and_destroy(&self, id: &str, has_lease: bool) {
+    /// Records a destroy (and revokes the lease). Spawn clean-up ignores a
+    /// failure (`revoke_and_destroy_or_log`: the reconciler closes what it
+    /// leaves); a user's destroy must not be acknowledged without it.
+    async fn revoke_and_destroy(&self, id: &str, has_lease: bool) -> Result<(), WriteError> {
         let mut m = Vec::new();
         if has_lease {
             m.push(Mutation::RevokeLease {
@@ -833,7 +836,14 @@ impl Control {
             id: id.to_string(),
             at: now_ts(),
         });
-        if let Err(e) = self.replica.write_revoking(&[id.to_string()], m).await {
+        self.replica
+            .write_revoking(&[id.to_string()], m)
+            .await
+            .map(|_| ())
+    }
+
+    async fn revoke_and_destroy_or_log(&self, id: &str, has_lease: bool) {
+        if let Err(e) = self.revoke_and_destroy(id, has_lease).await {
             tracing::warn!(sandbox = id, error = %e, "could not record the destroy; the reconciler will retry");
         }
     }
@@ -868,7 +878,10 @@ impl Control {
                 }
             }
         }
-        self.revoke_and_destroy(id, lease.is_some()).await;
+        // The worker may already have stopped it; the destroy is
+        // acknowledged only once it is on record (a client retries a
+        // failure, and the worker then answers NotFound).
+        self.revoke_and_destroy(id, lease.is_some()).await?;
         if occupies(sb.state) {
             self.unreserve(&sb.owner_id, &sb.worker_id, false);
         }

@@ -6,5 +6,6 @@ mod crash;
 mod harness;
 mod large_snapshot;
 mod postgres_modes;
+mod sim;
 mod storage_suite;
 mod transport;
