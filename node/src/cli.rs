@@ -63,6 +63,22 @@ pub enum Command {
     Cp(crate::client_cmd::CpArgs),
     /// List workers, or drain / undrain / remove one.
     Workers(crate::client_cmd::WorkersArgs),
+    /// Local Docker images for hosts with no registry.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Make a Docker image from a root filesystem tarball (`docker import`)
+    /// in the dockerd at DOCKER_HOST (or the default socket).
+    Import {
+        /// A tar of the root filesystem (e.g. `tar -C rootfs -c .`).
+        rootfs: PathBuf,
+        /// The image name to create, e.g. `busybox` or `myorg/tools:1`.
+        #[arg(long)]
+        tag: String,
+    },
 }
 
 impl Command {
@@ -308,6 +324,23 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Db(cmd) => run_db(cmd).await,
         Command::Worker(args) => crate::agent::run(args).await,
         Command::Dev(args) => crate::dev::run(args).await,
+        Command::Image(ImageCommand::Import { rootfs, tag }) => {
+            use stacyvm_runtimes::docker::{DockerOptions, DockerRuntime};
+            let tarball = std::fs::read(&rootfs)
+                .map_err(|e| CliError::Failed(format!("{}: {e}", rootfs.display())))?;
+            let state = std::env::temp_dir().join("stacyvm-image-import");
+            let opts = DockerOptions::new("docker", state)
+                .ok_or_else(|| CliError::Failed("docker runtime unavailable".into()))?;
+            let docker = DockerRuntime::connect(opts)
+                .await
+                .map_err(|e| CliError::Failed(format!("docker: {e}")))?;
+            docker
+                .import_rootfs(tarball.into(), &tag)
+                .await
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            println!("{tag}");
+            Ok(())
+        }
         Command::Config(ConfigCommand::Lint {
             file,
             production,

@@ -24,8 +24,10 @@ pub struct DevArgs {
     /// when it was made by an earlier `stacyvm dev`).
     #[arg(long, default_value = "/tmp/stacyvm-dev")]
     pub dir: PathBuf,
-    /// Runtime the workers offer. Only `mock` exists in this build; Docker,
-    /// gVisor and PRoot arrive with the runtimes issue.
+    /// Runtime the workers offer: `mock` (default: needs nothing), `docker`
+    /// or `gvisor` (a dockerd must answer and the image must be present
+    /// locally, e.g. from `stacyvm image import`), or `kata`. PRoot needs an
+    /// image table: run `stacyvm worker --runtimes proot --proot-image ...`.
     #[arg(long, default_value = "mock")]
     pub runtime: String,
     /// First API port; replicas use it and the next two.
@@ -113,9 +115,9 @@ async fn stop_all(procs: &mut [Proc]) {
 
 /// Runs the dev cluster until Ctrl-C.
 pub async fn run(a: DevArgs) -> Result<(), CliError> {
-    if a.runtime != "mock" {
+    if !matches!(a.runtime.as_str(), "mock" | "docker" | "gvisor" | "kata") {
         return Err(CliError::Usage(format!(
-            "--runtime {:?}: this build offers only mock",
+            "--runtime {:?}: stacyvm dev offers mock, docker, gvisor or kata",
             a.runtime
         )));
     }
