@@ -254,6 +254,7 @@ impl From<RuntimeError> for RpcError {
             RuntimeError::InvalidPath { .. } | RuntimeError::Invalid(_) => StatusCode::BAD_REQUEST,
             RuntimeError::AlreadyExists(_) => StatusCode::CONFLICT,
             RuntimeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RuntimeError::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
             RuntimeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         RpcError::new(status, e.code(), e.to_string())

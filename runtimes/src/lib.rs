@@ -155,6 +155,9 @@ pub enum RuntimeError {
     /// The runtime itself is not usable on this host (daemon down, binary missing).
     #[error("runtime unavailable: {0}")]
     Unavailable(String),
+    /// The sandbox's disk (or its quota) is full; nothing partial is kept.
+    #[error("no space left: {0}")]
+    NoSpace(String),
     /// Anything else (I/O errors, runtime bugs).
     #[error("runtime failure: {0}")]
     Internal(String),
@@ -169,6 +172,7 @@ impl RuntimeError {
             RuntimeError::Invalid(_) => "BAD_REQUEST",
             RuntimeError::AlreadyExists(_) => "CONFLICT",
             RuntimeError::Unavailable(_) => "UNAVAILABLE",
+            RuntimeError::NoSpace(_) => "NO_SPACE",
             RuntimeError::Internal(_) => "INTERNAL_ERROR",
         }
     }

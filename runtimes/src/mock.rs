@@ -919,6 +919,9 @@ pub(crate) mod files {
             )),
             K::PermissionDenied => RuntimeError::Invalid(format!("{path}: permission denied")),
             K::AlreadyExists => RuntimeError::AlreadyExists(path.to_string()),
+            K::StorageFull | K::QuotaExceeded | K::FileTooLarge => {
+                RuntimeError::NoSpace(format!("{path}: {e}"))
+            }
             _ => RuntimeError::Internal(format!("{path}: {e}")),
         }
     }
@@ -981,12 +984,13 @@ pub(crate) mod files {
         };
         let mut file = tokio::fs::File::from_std(file);
         let mut body = tokio::io::BufReader::with_capacity(1 << 20, body);
+        // On any failure the temporary file is removed (TempPath's drop):
+        // a full disk leaves no partial file behind.
         let written = tokio::io::copy_buf(&mut body, &mut file)
             .await
-            .map_err(|e| RuntimeError::Internal(format!("writing {path}: {e}")))?;
-        file.flush()
-            .await
-            .map_err(|e| RuntimeError::Internal(format!("writing {path}: {e}")))?;
+            .map_err(|e| fs_err(path, e))?;
+        file.flush().await.map_err(|e| fs_err(path, e))?;
+        file.sync_all().await.map_err(|e| fs_err(path, e))?;
         drop(file);
         // Check again right before the rename: a symlink may have appeared.
         let host = confine(root, path)?;

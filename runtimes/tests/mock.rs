@@ -412,3 +412,63 @@ async fn interrupted_spawn_is_stopped_by_the_next_instance() {
     assert_eq!(kinds, ["start", "stop"]);
     next.destroy(&id).await.expect("destroy");
 }
+
+/// A full workspace disk: the upload fails with `NO_SPACE`, leaves neither
+/// the file nor a temporary behind, and the sandbox keeps working. Needs
+/// root to mount a 2 MiB tmpfs as the state directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_is_no_space_and_leaves_nothing() {
+    // Only root may mount.
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if uid != "0" {
+        eprintln!("SKIP full disk: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "stacyvm-test-full"])
+        .arg(dir.path())
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "mount a 2 MiB tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path().to_path_buf());
+
+    let rt: Arc<dyn Runtime> =
+        Arc::new(MockRuntime::with_event_log(dir.path().join("state"), None).expect("runtime"));
+    let id = random_sandbox_id();
+    rt.spawn(&spec(&id, "w", 1)).await.expect("spawn");
+    let big = vec![7u8; 4 * 1024 * 1024];
+    let body: stacyvm_runtimes::ByteReader = Box::pin(std::io::Cursor::new(big));
+    let err = rt
+        .write_file(&id, "/workspace/big.bin", 0o644, body)
+        .await
+        .expect_err("4 MiB into 2 MiB");
+    assert_eq!(err.code(), "NO_SPACE", "{err}");
+    let names: Vec<String> = rt
+        .list_files(&id, "/workspace")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.ends_with("/big.bin") && !n.contains(".stacyvm-write-")),
+        "nothing partial left: {names:?}"
+    );
+    // Space came back with the temporary: a small write works.
+    assert_eq!(write(&rt, &id, "/workspace/small.txt", b"ok").await, 2);
+    assert_eq!(read(&rt, &id, "/workspace/small.txt").await, b"ok");
+    rt.destroy(&id).await.expect("destroy");
+}

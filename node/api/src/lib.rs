@@ -34,6 +34,8 @@ pub mod codes {
     pub const RESOURCE_LIMIT: &str = "RESOURCE_LIMIT";
     pub const UNAVAILABLE: &str = "UNAVAILABLE";
     pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
+    /// The sandbox's disk is full (HTTP 507); the write left nothing behind.
+    pub const NO_SPACE: &str = "NO_SPACE";
     pub const NO_LEADER: &str = "NO_LEADER";
     /// No online worker offers the runtime with free capacity.
     pub const NO_ELIGIBLE_WORKER: &str = "NO_ELIGIBLE_WORKER";
