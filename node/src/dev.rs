@@ -24,11 +24,14 @@ pub struct DevArgs {
     /// when it was made by an earlier `stacyvm dev`).
     #[arg(long, default_value = "/tmp/stacyvm-dev")]
     pub dir: PathBuf,
-    /// Runtime the workers offer: `mock` (default: needs nothing), `docker`
-    /// or `gvisor` (a dockerd must answer and the image must be present
-    /// locally, e.g. from `stacyvm image import`), or `kata`. PRoot needs an
-    /// image table: run `stacyvm worker --runtimes proot --proot-image ...`.
-    #[arg(long, default_value = "mock")]
+    /// Runtime the workers offer. `auto` (default): `docker` when a dockerd
+    /// answers and has the image `busybox` (no registry is assumed; `stacyvm
+    /// image import ROOTFS.tar --tag busybox` adds it), `mock` otherwise, with
+    /// the reason printed. `mock` needs nothing; `docker`, `gvisor` or `kata`
+    /// need a dockerd with that OCI runtime and the images present locally.
+    /// PRoot needs an image table: run `stacyvm worker --runtimes proot
+    /// --proot-image ...`.
+    #[arg(long, default_value = "auto")]
     pub runtime: String,
     /// First API port; replicas use it and the next two.
     #[arg(long, default_value_t = 7423)]
@@ -113,11 +116,62 @@ async fn stop_all(procs: &mut [Proc]) {
     }
 }
 
+/// The image `stacyvm spawn` uses when none is given.
+const DEFAULT_IMAGE: &str = "busybox";
+
+/// What `--runtime auto` found on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DockerProbe {
+    Ready,
+    NoImage,
+    NoDaemon(String),
+}
+
+/// `auto` → `docker` or `mock`, with the reason for a fallback. Pure.
+fn resolve_runtime(requested: &str, probe: &DockerProbe) -> (String, Option<String>) {
+    if requested != "auto" {
+        return (requested.to_string(), None);
+    }
+    match probe {
+        DockerProbe::Ready => ("docker".into(), None),
+        DockerProbe::NoImage => (
+            "mock".into(),
+            Some(format!(
+                "dockerd answers but has no image {DEFAULT_IMAGE:?} and no registry is assumed; \
+                 `stacyvm image import ROOTFS.tar --tag {DEFAULT_IMAGE}` adds one"
+            )),
+        ),
+        DockerProbe::NoDaemon(why) => ("mock".into(), Some(format!("no Docker: {why}"))),
+    }
+}
+
+async fn probe_docker(dir: &std::path::Path) -> DockerProbe {
+    let Some(opts) = stacyvm_runtimes::docker::DockerOptions::new("docker", dir.join("probe"))
+    else {
+        return DockerProbe::NoDaemon("docker runtime unavailable".into());
+    };
+    let rt = match stacyvm_runtimes::docker::DockerRuntime::connect(opts).await {
+        Ok(rt) => rt,
+        Err(e) => return DockerProbe::NoDaemon(e.to_string()),
+    };
+    if let Err(e) = stacyvm_runtimes::Runtime::health(&rt).await {
+        return DockerProbe::NoDaemon(e.to_string());
+    }
+    match rt.has_image(DEFAULT_IMAGE).await {
+        Ok(true) => DockerProbe::Ready,
+        Ok(false) => DockerProbe::NoImage,
+        Err(e) => DockerProbe::NoDaemon(e.to_string()),
+    }
+}
+
 /// Runs the dev cluster until Ctrl-C.
-pub async fn run(a: DevArgs) -> Result<(), CliError> {
-    if !matches!(a.runtime.as_str(), "mock" | "docker" | "gvisor" | "kata") {
+pub async fn run(mut a: DevArgs) -> Result<(), CliError> {
+    if !matches!(
+        a.runtime.as_str(),
+        "auto" | "mock" | "docker" | "gvisor" | "kata"
+    ) {
         return Err(CliError::Usage(format!(
-            "--runtime {:?}: stacyvm dev offers mock, docker, gvisor or kata",
+            "--runtime {:?}: stacyvm dev offers auto, mock, docker, gvisor or kata",
             a.runtime
         )));
     }
@@ -133,6 +187,17 @@ pub async fn run(a: DevArgs) -> Result<(), CliError> {
     }
     std::fs::create_dir_all(&a.dir).map_err(|e| CliError::Failed(e.to_string()))?;
     std::fs::write(a.dir.join(MARKER), "").map_err(|e| CliError::Failed(e.to_string()))?;
+    if a.runtime == "auto" {
+        let probe = probe_docker(&a.dir).await;
+        let _ = std::fs::remove_dir_all(a.dir.join("probe"));
+        let (rt, why) = resolve_runtime(&a.runtime, &probe);
+        if let Some(why) = why {
+            println!("runtime: {rt} ({why})");
+        } else {
+            println!("runtime: {rt} (dockerd answers and has image {DEFAULT_IMAGE:?})");
+        }
+        a.runtime = rt;
+    }
     let exe = std::env::current_exe().map_err(|e| CliError::Failed(e.to_string()))?;
     let certs = a.dir.join("certs");
     stacyvm_raft::certs::init_ca(&certs).map_err(|e| CliError::Failed(e.to_string()))?;
@@ -161,6 +226,9 @@ pub async fn run(a: DevArgs) -> Result<(), CliError> {
             raft(i),
             "--api-addr".into(),
             api(i),
+            // A spawn that names no runtime gets the one the workers offer.
+            "--default-runtime".into(),
+            a.runtime.clone(),
             "--bootstrap".into(),
         ];
         args.extend(peers.iter().cloned());
@@ -294,4 +362,30 @@ pub async fn run(a: DevArgs) -> Result<(), CliError> {
     stop_all(&mut procs).await;
     println!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_docker_only_when_it_can_run_the_default_image() {
+        let cases = [
+            ("auto", DockerProbe::Ready, "docker", false),
+            ("auto", DockerProbe::NoImage, "mock", true),
+            (
+                "auto",
+                DockerProbe::NoDaemon("refused".into()),
+                "mock",
+                true,
+            ),
+            ("mock", DockerProbe::Ready, "mock", false),
+            ("gvisor", DockerProbe::NoDaemon("x".into()), "gvisor", false),
+        ];
+        for (req, probe, want, has_reason) in cases {
+            let (got, why) = resolve_runtime(req, &probe);
+            assert_eq!(got, want, "{req} with {probe:?}");
+            assert_eq!(why.is_some(), has_reason, "{req} with {probe:?}");
+        }
+    }
 }

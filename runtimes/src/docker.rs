@@ -182,6 +182,17 @@ impl DockerRuntime {
         })
     }
 
+    /// Whether `image` is on this host (no pull is tried). Errors when
+    /// dockerd does not answer within the health timeout.
+    pub async fn has_image(&self, image: &str) -> Result<bool, RuntimeError> {
+        match tokio::time::timeout(HEALTH_TIMEOUT, self.docker.inspect_image(image)).await {
+            Err(_) => Err(RuntimeError::Unavailable("dockerd does not answer".into())),
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) if status_of(&e) == Some(404) => Ok(false),
+            Ok(Err(e)) => Err(api_err(&format!("image {image}"), e)),
+        }
+    }
+
     /// The Engine API client (tests use it to act behind the runtime's back).
     pub fn client(&self) -> &Docker {
         &self.docker

@@ -401,7 +401,15 @@ impl Control {
         Ok(counts)
     }
 
+    /// Runs `f` on the leader memory, only while this replica leads the term
+    /// that memory was built for. openraft 0.9 lets a higher node ID win a
+    /// term another node led (leader IDs are `(term, node)`), so the term
+    /// alone does not show that this replica still leads; a node never leads
+    /// the same term twice, so `(term, leading now)` does.
     fn with_leader<T>(&self, f: impl FnOnce(&mut LeaderState) -> T) -> Result<T, ControlError> {
+        if !self.replica.is_leader() {
+            return Err(ControlError::NotLeader);
+        }
         let term = self.term();
         let mut g = lock(&self.leader);
         match g.as_mut() {

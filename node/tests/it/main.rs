@@ -2,6 +2,7 @@
 
 mod cluster_process;
 mod db;
+mod dev_process;
 mod identity;
 mod liveness;
 mod plane;
