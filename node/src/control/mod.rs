@@ -187,7 +187,25 @@ struct LeaderState {
     workers: BTreeMap<String, Worker>,
     counts: Counts,
     inflight: i64,
+    /// Sandboxes whose spawn this leader is running (reconciliation leaves
+    /// their `creating` records alone).
+    spawning: std::collections::HashSet<String>,
     reconciled_once: bool,
+}
+
+/// Removes a sandbox from the leader's `spawning` set when its spawn ends,
+/// however it ends (including a dropped request future).
+struct SpawningGuard<'a> {
+    control: &'a Control,
+    id: String,
+}
+
+impl Drop for SpawningGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.control.with_leader_any_state(|s| {
+            s.spawning.remove(&self.id);
+        });
+    }
 }
 
 /// Counters for `/metrics`.
@@ -352,6 +370,7 @@ impl Control {
             workers,
             counts,
             inflight: 0,
+            spawning: Default::default(),
             reconciled_once: false,
         });
         Ok(())
@@ -416,6 +435,12 @@ impl Control {
             Some(s) if s.term == term => Ok(f(s)),
             _ => Err(ControlError::NotLeader),
         }
+    }
+
+    /// Runs `f` on the leader memory of whatever term it is for (clean-up
+    /// that is harmless on stale memory).
+    fn with_leader_any_state<T>(&self, f: impl FnOnce(&mut LeaderState) -> T) -> Option<T> {
+        lock(&self.leader).as_mut().map(f)
     }
 
     /// Drops leader memory (called when leadership is lost).
@@ -721,6 +746,11 @@ impl Control {
             })?;
         let now = now_ts();
         let id = new_sandbox_id();
+        self.with_leader(|s| s.spawning.insert(id.clone()))?;
+        let _spawning = SpawningGuard {
+            control: self,
+            id: id.clone(),
+        };
         let record = Sandbox {
             id: id.clone(),
             state: SandboxState::Creating,
@@ -1341,6 +1371,8 @@ impl Control {
         self.ensure_leader().await?;
         let now = Instant::now();
         let timing = self.cfg.timing();
+        // Taken before the listing: a spawn that starts after it is young.
+        let spawning = self.with_leader(|s| s.spawning.clone())?;
         let sandboxes = self.all_sandboxes(SandboxFilter::default()).await?;
         let (owners, workers): (HashMap<String, reconcile::Owner>, BTreeMap<String, Worker>) = self
             .with_leader(|s| {
@@ -1360,6 +1392,8 @@ impl Control {
                     .collect();
                 (owners, s.workers.clone())
             })?;
+        // A spawn another leader began may still be in its worker RPC.
+        let settled_before = now_ts().plus_millis(-ms(self.cfg.spawn_timeout));
         let mut reports: HashMap<String, Option<HashMap<String, RpcSandbox>>> = HashMap::new();
         let mut taken = Vec::new();
         for sb in &sandboxes {
@@ -1367,7 +1401,8 @@ impl Control {
                 .get(&sb.worker_id)
                 .copied()
                 .unwrap_or(reconcile::Owner::Missing);
-            let mut action = reconcile::decide(sb.state, owner, None);
+            let settled = !spawning.contains(&sb.id) && sb.created_at < settled_before;
+            let mut action = reconcile::decide(sb.state, owner, None, settled);
             if action == reconcile::Action::AskOwner {
                 if !reports.contains_key(&sb.worker_id) {
                     let listed =
@@ -1390,7 +1425,7 @@ impl Control {
                     },
                     _ => reconcile::Report::NoAnswer,
                 };
-                action = reconcile::decide(sb.state, owner, Some(report));
+                action = reconcile::decide(sb.state, owner, Some(report), settled);
             }
             match action {
                 reconcile::Action::Keep | reconcile::Action::AskOwner => {}

@@ -12,7 +12,12 @@
 //! | draining | keep |
 //! | offline, or no worker record | mark `lost`, close the lease |
 //!
-//! A sandbox still `creating` is left alone: its spawn is in flight.
+//! A sandbox still `creating` is left alone while its spawn may be in flight
+//! (`settled` false: this leader is running the spawn, or it began less than
+//! one spawn timeout ago). Once settled, the spawn is over without its
+//! `running` record (a leader crashed between the worker RPC and that write,
+//! or the request was abandoned): the owner decides as for any sandbox, so
+//! such a record never holds a quota slot and a lease forever.
 
 use stacyvm_store::SandboxState;
 
@@ -47,10 +52,12 @@ pub enum Action {
     AskOwner,
 }
 
-/// Decides for one sandbox; `report` is `None` before the owner was asked.
-pub fn decide(state: SandboxState, owner: Owner, report: Option<Report>) -> Action {
+/// Decides for one sandbox; `report` is `None` before the owner was asked;
+/// `settled` says whether a `creating` sandbox's spawn can still be in flight
+/// (ignored for other states).
+pub fn decide(state: SandboxState, owner: Owner, report: Option<Report>, settled: bool) -> Action {
     use SandboxState as S;
-    if matches!(state, S::Destroyed | S::Lost | S::Creating | S::Expired) {
+    if matches!(state, S::Destroyed | S::Lost | S::Expired) || (state == S::Creating && !settled) {
         return Action::Keep;
     }
     match owner {
@@ -79,6 +86,13 @@ mod tests {
     fn decide_table() {
         #[rustfmt::skip]
         let cases: &[(S, Owner, Option<Report>, Action)] = &[
+            (S::Creating, Owner::Known(Online), None, AskOwner),
+            (S::Creating, Owner::Known(Online), Some(Report::Running), SetState(S::Running)),
+            (S::Creating, Owner::Known(Online), Some(Report::Missing), MarkLost),
+            (S::Creating, Owner::Known(Online), Some(Report::Stopped), SetState(S::Error)),
+            (S::Creating, Owner::Known(Online), Some(Report::NoAnswer), Keep),
+            (S::Creating, Owner::Known(Stale), None, Keep),
+            (S::Creating, Owner::Known(Offline), None, MarkLost),
             (S::Running, Owner::Known(Online), None, AskOwner),
             (S::Running, Owner::Known(Online), Some(Report::Running), Keep),
             (S::Unhealthy, Owner::Known(Online), Some(Report::Running), SetState(S::Running)),
@@ -92,16 +106,32 @@ mod tests {
             (S::Running, Owner::Known(Offline), None, MarkLost),
             (S::Running, Owner::Missing, None, MarkLost),
             (S::Idle, Owner::Missing, None, MarkLost),
-            (S::Creating, Owner::Missing, None, Keep),
+            (S::Creating, Owner::Missing, None, MarkLost),
             (S::Destroyed, Owner::Known(Offline), None, Keep),
             (S::Lost, Owner::Known(Offline), None, Keep),
         ];
         for (state, owner, report, want) in cases {
             assert_eq!(
-                decide(*state, *owner, *report),
+                decide(*state, *owner, *report, true),
                 *want,
                 "{state:?} {owner:?} {report:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_spawn_in_flight_is_left_alone_whatever_its_owner() {
+        for owner in [
+            Owner::Missing,
+            Owner::Known(Online),
+            Owner::Known(Offline),
+            Owner::Known(Stale),
+        ] {
+            for report in [None, Some(Report::Missing), Some(Report::Running)] {
+                assert_eq!(decide(S::Creating, owner, report, false), Keep);
+            }
+        }
+        // `settled` concerns only `creating`.
+        assert_eq!(decide(S::Running, Owner::Missing, None, false), MarkLost);
     }
 }

@@ -16,9 +16,13 @@ fn cfg() -> ControlConfig {
     ControlConfig {
         lease_ttl: Duration::from_secs(20),
         offline_grace: Duration::from_secs(10),
+        // `creating` records older than this are settled spawns.
+        spawn_timeout: SPAWN_TIMEOUT,
         ..fast()
     }
 }
+
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(3);
 
 async fn run(driver: StoreDriver) {
     let Some(plane) = Plane::start(1, driver, cfg()).await else {
@@ -36,6 +40,9 @@ async fn run(driver: StoreDriver) {
     let a1 = c.spawn(&spawn()).await.expect("a1").id; // online, running: kept
     let a3 = c.spawn(&spawn()).await.expect("a3").id; // online, record says unhealthy: corrected
     let a4 = c.spawn(&spawn()).await.expect("a4").id; // online, its process died: error
+    // online, runs it, but its `running` write was lost (leader crash): corrected
+    let a5 = c.spawn(&spawn()).await.expect("a5").id;
+    let a5_spawned = std::time::Instant::now();
 
     // Workers the leader knows only from the store.
     let now = Ts::now();
@@ -58,6 +65,8 @@ async fn run(driver: StoreDriver) {
     // Persisted sandboxes, each under a lease held by its worker.
     let persisted = [
         ("sb-a20000000001", "worker-a"),
+        ("sb-a30000000001", "worker-a"), // creating, settled, never started: lost
+        ("sb-e20000000001", "worker-e"), // creating, settled, owner unknown: lost
         ("sb-b10000000001", "worker-b"),
         ("sb-c10000000001", "worker-c"),
         ("sb-d10000000001", "worker-d"),
@@ -68,6 +77,10 @@ async fn run(driver: StoreDriver) {
         sb.state = SandboxState::Running;
         sb.worker_id = worker.into();
         sb.created_at = now;
+        if id.starts_with("sb-a3") || id.starts_with("sb-e2") {
+            sb.state = SandboxState::Creating;
+            sb.created_at = now.plus_millis(-(SPAWN_TIMEOUT.as_millis() as i64) - 1_000);
+        }
         sb.updated_at = now;
         sb.expires_at = now.plus_millis(3_600_000);
         let (_, extra) = r
@@ -88,14 +101,22 @@ async fn run(driver: StoreDriver) {
     r.acquire_lease_with("sb-0f0000000001", SANDBOX_LEASE, "worker-a", 60_000, vec![])
         .await
         .expect("orphan lease");
-    // a3's record drifted; a4's process died behind the runtime's back.
+    // a3's record drifted; a5's `running` write never happened; a4's process
+    // died behind the runtime's back.
     r.write_revoking(
         &[],
-        vec![Mutation::SetSandboxState {
-            id: a3.clone(),
-            state: SandboxState::Unhealthy,
-            at: Ts::now(),
-        }],
+        vec![
+            Mutation::SetSandboxState {
+                id: a3.clone(),
+                state: SandboxState::Unhealthy,
+                at: Ts::now(),
+            },
+            Mutation::SetSandboxState {
+                id: a5.clone(),
+                state: SandboxState::Creating,
+                at: Ts::now(),
+            },
+        ],
     )
     .await
     .expect("drift");
@@ -112,6 +133,31 @@ async fn run(driver: StoreDriver) {
             .is_ok_and(|ws| ws.iter().any(|w| w.id == "worker-b" && w.status == "stale"))
     })
     .await;
+    // a5 must be older than a spawn timeout before its `creating` record counts as settled.
+    tokio::time::sleep(
+        (SPAWN_TIMEOUT + Duration::from_millis(200)).saturating_sub(a5_spawned.elapsed()),
+    )
+    .await;
+    // Creating, young: its spawn may still be in flight (written last, so the wait above does not age it).
+    let mut young = cases::sandbox("sb-a40000000001", "", 0);
+    young.state = SandboxState::Creating;
+    young.worker_id = "worker-a".into();
+    young.created_at = Ts::now();
+    young.updated_at = young.created_at;
+    young.expires_at = young.created_at.plus_millis(3_600_000);
+    let (_, extra) = r
+        .acquire_lease_with(
+            "sb-a40000000001",
+            SANDBOX_LEASE,
+            "worker-a",
+            60_000,
+            vec![Mutation::CreateSandbox(young)],
+        )
+        .await
+        .expect("young lease + record");
+    extra.into_iter().for_each(|e| {
+        e.expect("young record written");
+    });
     cp.control.reconcile_pass().await.expect("reconcile");
 
     let store = cp.r().store();
@@ -164,6 +210,29 @@ async fn run(driver: StoreDriver) {
         "missing owner: lost"
     );
     assert!(!has_lease("sb-e10000000001").await);
+    assert_eq!(
+        state(a5.clone()).await,
+        SandboxState::Running,
+        "settled creating, online worker runs it: record corrected"
+    );
+    assert_eq!(
+        state("sb-a30000000001".into()).await,
+        SandboxState::Lost,
+        "settled creating, online worker never started it"
+    );
+    assert!(!has_lease("sb-a30000000001").await);
+    assert_eq!(
+        state("sb-e20000000001".into()).await,
+        SandboxState::Lost,
+        "settled creating, no such worker"
+    );
+    assert!(!has_lease("sb-e20000000001").await);
+    assert_eq!(
+        state("sb-a40000000001".into()).await,
+        SandboxState::Creating,
+        "young creating: its spawn may still be in flight"
+    );
+    assert!(has_lease("sb-a40000000001").await);
     assert!(!has_lease("sb-0f0000000001").await, "orphan lease closed");
     // A second pass changes nothing (idempotent).
     let again = cp.control.reconcile_pass().await.expect("reconcile again");
@@ -173,6 +242,7 @@ async fn run(driver: StoreDriver) {
     assert!(
         running.contains(&a1)
             && running.contains(&a3)
+            && running.contains(&a5)
             && !running.contains(&"sb-a20000000001".to_string())
     );
     a.cleanup().await;
