@@ -4,6 +4,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    stacyvm_runtimes::sys::limit_malloc_arenas(2);
     // Every TLS user (QUIC, reqwest, axum-server) needs the ring provider first.
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()

@@ -117,7 +117,9 @@ impl SledLog {
             .path(dir)
             // We flush explicitly on every write; no background flusher.
             .flush_every_ms(None)
-            .cache_capacity(64 * 1024 * 1024);
+            // The log is read back only for replication and restart, mostly
+            // its recent tail; 16 MiB keeps that and bounds replica memory.
+            .cache_capacity(16 * 1024 * 1024);
         // A log closed a moment ago in this process can still hold its file
         // lock while sled's I/O threads finish: retry a locked log for up
         // to 10 s (a loaded machine) before calling it taken (another process holds it).

@@ -638,11 +638,7 @@ impl MockRuntime {
         write_meta(dir, &meta)?;
         self.event("start", &meta);
         if meta.keeperless {
-            // Running from the moment its metadata exists.
-            if let Err(e) = write_meta(dir, &meta) {
-                self.event("stop", &meta);
-                return Err(e);
-            }
+            // Running from the moment its metadata (already final) exists.
             append_log(dir, &format!("started image={} (no keeper)", meta.image));
             return Ok(self.describe(dir, &meta, RuntimeState::Running));
         }

@@ -187,13 +187,10 @@ struct LeaderState {
     workers: BTreeMap<String, Worker>,
     counts: Counts,
     inflight: i64,
-    /// Sandboxes whose spawn this leader is running (reconciliation leaves
-    /// their `creating` records alone).
-    spawning: std::collections::HashSet<String>,
     reconciled_once: bool,
 }
 
-/// Removes a sandbox from the leader's `spawning` set when its spawn ends,
+/// Removes a sandbox from the replica's `spawning` set when its spawn ends,
 /// however it ends (including a dropped request future).
 struct SpawningGuard<'a> {
     control: &'a Control,
@@ -202,9 +199,29 @@ struct SpawningGuard<'a> {
 
 impl Drop for SpawningGuard<'_> {
     fn drop(&mut self) {
-        let _ = self.control.with_leader_any_state(|s| {
-            s.spawning.remove(&self.id);
-        });
+        self.control
+            .spawning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// A failed spawn: the error for the client, and whether the sandbox's
+/// record and lease are known closed (nothing written, or the destroy
+/// recorded) or may be left for reconciliation.
+struct SpawnFailed {
+    error: ControlError,
+    closed: bool,
+}
+
+impl SpawnFailed {
+    fn new(error: ControlError, closed: bool) -> Self {
+        SpawnFailed { error, closed }
+    }
+
+    fn closed(error: ControlError) -> Self {
+        SpawnFailed::new(error, true)
     }
 }
 
@@ -231,6 +248,9 @@ pub struct Control {
     pub cfg: ControlConfig,
     pub rpc: WorkerRpc,
     leader: std::sync::Mutex<Option<LeaderState>>,
+    /// Sandboxes whose spawn this replica is running, whatever the term
+    /// (reconciliation leaves their `creating` records alone).
+    spawning: std::sync::Mutex<std::collections::HashSet<String>>,
     init: tokio::sync::Mutex<()>,
     capacity: Notify,
     queued: std::sync::atomic::AtomicUsize,
@@ -284,6 +304,7 @@ impl Control {
             cfg,
             rpc,
             leader: std::sync::Mutex::new(None),
+            spawning: Default::default(),
             init: tokio::sync::Mutex::new(()),
             capacity: Notify::new(),
             queued: std::sync::atomic::AtomicUsize::new(0),
@@ -370,7 +391,6 @@ impl Control {
             workers,
             counts,
             inflight: 0,
-            spawning: Default::default(),
             reconciled_once: false,
         });
         Ok(())
@@ -435,12 +455,6 @@ impl Control {
             Some(s) if s.term == term => Ok(f(s)),
             _ => Err(ControlError::NotLeader),
         }
-    }
-
-    /// Runs `f` on the leader memory of whatever term it is for (clean-up
-    /// that is harmless on stale memory).
-    fn with_leader_any_state<T>(&self, f: impl FnOnce(&mut LeaderState) -> T) -> Option<T> {
-        lock(&self.leader).as_mut().map(f)
     }
 
     /// Drops leader memory (called when leadership is lost).
@@ -593,12 +607,13 @@ impl Control {
         Ok(l)
     }
 
-    /// Admission and placement; reserves a slot on success.
+    /// Admission and placement; reserves a slot on success and returns the
+    /// worker and the term the reservation belongs to.
     fn admit_and_place(
         &self,
         plan: &SpawnPlan,
         limits: &Limits,
-    ) -> Result<Result<String, ControlError>, admission::AdmissionError> {
+    ) -> Result<Result<(String, u64), ControlError>, admission::AdmissionError> {
         let now = Instant::now();
         let timing = self.cfg.timing();
         let r = self.with_leader(|s| {
@@ -628,7 +643,7 @@ impl Control {
                 Ok(worker) => {
                     s.counts.add(&plan.owner_id, &worker, 1);
                     s.inflight += 1;
-                    Ok(worker)
+                    Ok((worker, s.term))
                 }
                 Err(placement::PlacementError::UnknownRuntime(r)) => {
                     Err(ControlError::UnknownRuntime(format!(
@@ -646,18 +661,28 @@ impl Control {
         }
     }
 
-    fn unreserve(&self, owner: &str, worker: &str, still_inflight: bool) {
-        let _ = self.with_leader(|s| {
-            s.counts.add(owner, worker, -1);
-            if still_inflight {
-                s.inflight -= 1;
-            }
-        });
+    /// Frees the slot of a sandbox that no longer occupies one.
+    fn release_slot(&self, owner: &str, worker: &str) {
+        let _ = self.with_leader(|s| s.counts.add(owner, worker, -1));
         self.capacity.notify_waiters();
     }
 
-    fn spawned(&self) {
-        let _ = self.with_leader(|s| s.inflight -= 1);
+    /// Ends a spawn's reservation made in `term`: `release` also frees its
+    /// slot (nothing of it is on record). Leader memory of a later term was
+    /// rebuilt from the store and never counted it: left alone.
+    fn end_reservation(&self, owner: &str, worker: &str, term: u64, release: bool) {
+        let _ = self.with_leader(|s| {
+            if s.term != term {
+                return;
+            }
+            s.inflight -= 1;
+            if release {
+                s.counts.add(owner, worker, -1);
+            }
+        });
+        if release {
+            self.capacity.notify_waiters();
+        }
     }
 
     /// Spawns on the leader: admission, placement, lease + record in one Raft
@@ -673,7 +698,7 @@ impl Control {
         let limits = self.limits_for(&plan.owner_id).await?;
         let deadline = Instant::now() + self.cfg.spawn_queue_timeout;
         let mut queued = false;
-        let worker_id = loop {
+        let (worker_id, term) = loop {
             let notified = self.capacity.notified();
             match self.admit_and_place(&plan, &limits) {
                 Ok(Ok(w)) => break w,
@@ -719,18 +744,20 @@ impl Control {
         if queued {
             self.queued.fetch_sub(1, Ordering::SeqCst);
         }
-        let r = self.spawn_on(&plan, &worker_id, request_id).await;
-        match &r {
-            Ok(_) => {
-                self.spawned();
+        match self.spawn_on(&plan, &worker_id, request_id).await {
+            Ok(r) => {
+                self.end_reservation(&plan.owner_id, &worker_id, term, false);
                 self.counters.spawns_ok.fetch_add(1, Ordering::Relaxed);
+                Ok(r)
             }
-            Err(_) => {
-                self.unreserve(&plan.owner_id, &worker_id, true);
+            Err(f) => {
+                // A record left open still occupies its slot; reconciliation
+                // closes it and frees the slot then.
+                self.end_reservation(&plan.owner_id, &worker_id, term, f.closed);
                 self.counters.spawns_failed.fetch_add(1, Ordering::Relaxed);
+                Err(f.error)
             }
         }
-        r
     }
 
     async fn spawn_on(
@@ -738,15 +765,18 @@ impl Control {
         plan: &SpawnPlan,
         worker_id: &str,
         request_id: &str,
-    ) -> Result<(Sandbox, i64), ControlError> {
+    ) -> Result<(Sandbox, i64), SpawnFailed> {
         let worker = self
-            .with_leader(|s| s.workers.get(worker_id).cloned())?
-            .ok_or_else(|| {
-                ControlError::NoEligibleWorker(format!("worker {worker_id} vanished"))
-            })?;
+            .with_leader(|s| s.workers.get(worker_id).cloned())
+            .map_err(SpawnFailed::closed)?
+            .ok_or_else(|| ControlError::NoEligibleWorker(format!("worker {worker_id} vanished")))
+            .map_err(SpawnFailed::closed)?;
         let now = now_ts();
         let id = new_sandbox_id();
-        self.with_leader(|s| s.spawning.insert(id.clone()))?;
+        self.spawning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone());
         let _spawning = SpawningGuard {
             control: self,
             id: id.clone(),
@@ -776,10 +806,11 @@ impl Control {
                 self.cfg.lease_ttl_ms(),
                 vec![Mutation::CreateSandbox(record.clone())],
             )
-            .await?;
+            .await
+            .map_err(|e| SpawnFailed::closed(e.into()))?;
         if let Some(Err(e)) = extra.into_iter().next() {
-            self.revoke_and_destroy_or_log(&id, true).await;
-            return Err(e.into());
+            let closed = self.revoke_and_destroy_or_log(&id, true).await;
+            return Err(SpawnFailed::new(e.into(), closed));
         }
         let target = self.target(worker_id, &worker.rpc_url, lease.generation, request_id);
         let req = RpcSpawn {
@@ -802,8 +833,8 @@ impl Control {
                 if !matches!(e, WorkerCallError::Refused { .. }) {
                     let _ = self.rpc.destroy(&target, &id).await;
                 }
-                self.revoke_and_destroy_or_log(&id, true).await;
-                return Err(e.into());
+                let closed = self.revoke_and_destroy_or_log(&id, true).await;
+                return Err(SpawnFailed::new(e.into(), closed));
             }
         };
         for (i, cmd) in plan.setup.iter().enumerate() {
@@ -826,11 +857,14 @@ impl Control {
             };
             if let Some(why) = failed {
                 let _ = self.rpc.destroy(&target, &id).await;
-                self.revoke_and_destroy_or_log(&id, true).await;
-                return Err(ControlError::BadRequest(format!(
-                    "template setup step {} ({cmd:?}) failed: {why}",
-                    i + 1
-                )));
+                let closed = self.revoke_and_destroy_or_log(&id, true).await;
+                return Err(SpawnFailed::new(
+                    ControlError::BadRequest(format!(
+                        "template setup step {} ({cmd:?}) failed: {why}",
+                        i + 1
+                    )),
+                    closed,
+                ));
             }
         }
         let at = now_ts();
@@ -847,9 +881,17 @@ impl Control {
                 at,
             },
         ];
-        let out = self.replica.write_revoking(&[], muts).await?;
-        if let Some(Err(e)) = out.into_iter().find(|r| r.is_err()) {
-            return Err(e.into());
+        let failed: Option<ControlError> = match self.replica.write_revoking(&[], muts).await {
+            Ok(out) => out.into_iter().find_map(|r| r.err()).map(Into::into),
+            Err(e) => Some(e.into()),
+        };
+        if let Some(e) = failed {
+            // Not acknowledged, so not kept: stop it and close the record
+            // (a deposed leader cannot; reconciliation then does).
+            tracing::warn!(sandbox = %id, error = %e, "could not record the running sandbox; undoing the spawn");
+            let _ = self.rpc.destroy(&target, &id).await;
+            let closed = self.revoke_and_destroy_or_log(&id, true).await;
+            return Err(SpawnFailed::new(e, closed));
         }
         let mut s = record;
         s.state = SandboxState::Running;
@@ -880,9 +922,14 @@ impl Control {
             .map(|_| ())
     }
 
-    async fn revoke_and_destroy_or_log(&self, id: &str, has_lease: bool) {
-        if let Err(e) = self.revoke_and_destroy(id, has_lease).await {
-            tracing::warn!(sandbox = id, error = %e, "could not record the destroy; the reconciler will retry");
+    /// Whether the destroy is on record.
+    async fn revoke_and_destroy_or_log(&self, id: &str, has_lease: bool) -> bool {
+        match self.revoke_and_destroy(id, has_lease).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(sandbox = id, error = %e, "could not record the destroy; the reconciler will retry");
+                false
+            }
         }
     }
 
@@ -921,7 +968,7 @@ impl Control {
         // failure, and the worker then answers NotFound).
         self.revoke_and_destroy(id, lease.is_some()).await?;
         if occupies(sb.state) {
-            self.unreserve(&sb.owner_id, &sb.worker_id, false);
+            self.release_slot(&sb.owner_id, &sb.worker_id);
         }
         self.counters.destroys.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -1372,7 +1419,11 @@ impl Control {
         let now = Instant::now();
         let timing = self.cfg.timing();
         // Taken before the listing: a spawn that starts after it is young.
-        let spawning = self.with_leader(|s| s.spawning.clone())?;
+        let spawning = self
+            .spawning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let sandboxes = self.all_sandboxes(SandboxFilter::default()).await?;
         let (owners, workers): (HashMap<String, reconcile::Owner>, BTreeMap<String, Worker>) = self
             .with_leader(|s| {
@@ -1455,16 +1506,47 @@ impl Control {
                         state: SandboxState::Lost,
                         at: now_ts(),
                     });
-                    self.replica
+                    let out = self
+                        .replica
                         .write_revoking(std::slice::from_ref(&sb.id), m)
                         .await?;
-                    if occupies(sb.state) {
-                        let _ = self.with_leader(|s| s.counts.add(&sb.owner_id, &sb.worker_id, -1));
+                    // Only a record this pass moved out of an occupying
+                    // state frees a slot (a user may have destroyed it meanwhile).
+                    if out.last().is_some_and(|r| r.is_ok()) {
+                        if occupies(sb.state) {
+                            let _ =
+                                self.with_leader(|s| s.counts.add(&sb.owner_id, &sb.worker_id, -1));
+                        }
+                        self.counters
+                            .sandboxes_marked_lost
+                            .fetch_add(1, Ordering::Relaxed);
+                        taken.push((sb.id.clone(), action));
                     }
-                    self.counters
-                        .sandboxes_marked_lost
-                        .fetch_add(1, Ordering::Relaxed);
-                    taken.push((sb.id.clone(), action));
+                }
+                reconcile::Action::Abandon => {
+                    let has_lease = self.store().get_lease(&sb.id).await.is_ok();
+                    let mut m = Vec::new();
+                    if has_lease {
+                        m.push(Mutation::RevokeLease {
+                            resource_id: sb.id.clone(),
+                        });
+                    }
+                    // Not `DestroySandbox`: that answers Ok for a record a
+                    // user destroyed meanwhile, whose slot is already free.
+                    m.push(Mutation::SetSandboxState {
+                        id: sb.id.clone(),
+                        state: SandboxState::Destroyed,
+                        at: now_ts(),
+                    });
+                    let out = self
+                        .replica
+                        .write_revoking(std::slice::from_ref(&sb.id), m)
+                        .await?;
+                    if out.last().is_some_and(|r| r.is_ok()) {
+                        let _ = self.with_leader(|s| s.counts.add(&sb.owner_id, &sb.worker_id, -1));
+                        self.capacity.notify_waiters();
+                        taken.push((sb.id.clone(), action));
+                    }
                 }
             }
         }

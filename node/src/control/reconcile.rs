@@ -13,11 +13,13 @@
 //! | offline, or no worker record | mark `lost`, close the lease |
 //!
 //! A sandbox still `creating` is left alone while its spawn may be in flight
-//! (`settled` false: this leader is running the spawn, or it began less than
-//! one spawn timeout ago). Once settled, the spawn is over without its
+//! (`settled` false: this replica is running the spawn, or it began less
+//! than one spawn timeout ago). Once settled, the spawn ended without its
 //! `running` record (a leader crashed between the worker RPC and that write,
-//! or the request was abandoned): the owner decides as for any sandbox, so
-//! such a record never holds a quota slot and a lease forever.
+//! or could not record it): no client was told it succeeded, so it is
+//! abandoned (lease revoked, record destroyed; a worker that started it
+//! stops it when its heartbeat learns). Such a record never holds a quota
+//! slot and a lease forever.
 
 use stacyvm_store::SandboxState;
 
@@ -50,6 +52,8 @@ pub enum Action {
     MarkLost,
     /// Ask the owner (online owners need a status RPC first).
     AskOwner,
+    /// A spawn that never completed: revoke the lease, destroy the record.
+    Abandon,
 }
 
 /// Decides for one sandbox; `report` is `None` before the owner was asked;
@@ -57,8 +61,11 @@ pub enum Action {
 /// (ignored for other states).
 pub fn decide(state: SandboxState, owner: Owner, report: Option<Report>, settled: bool) -> Action {
     use SandboxState as S;
-    if matches!(state, S::Destroyed | S::Lost | S::Expired) || (state == S::Creating && !settled) {
-        return Action::Keep;
+    match state {
+        S::Destroyed | S::Lost | S::Expired => return Action::Keep,
+        S::Creating if settled => return Action::Abandon,
+        S::Creating => return Action::Keep,
+        _ => {}
     }
     match owner {
         Owner::Missing | Owner::Known(Health::Offline) => Action::MarkLost,
@@ -86,13 +93,11 @@ mod tests {
     fn decide_table() {
         #[rustfmt::skip]
         let cases: &[(S, Owner, Option<Report>, Action)] = &[
-            (S::Creating, Owner::Known(Online), None, AskOwner),
-            (S::Creating, Owner::Known(Online), Some(Report::Running), SetState(S::Running)),
-            (S::Creating, Owner::Known(Online), Some(Report::Missing), MarkLost),
-            (S::Creating, Owner::Known(Online), Some(Report::Stopped), SetState(S::Error)),
-            (S::Creating, Owner::Known(Online), Some(Report::NoAnswer), Keep),
-            (S::Creating, Owner::Known(Stale), None, Keep),
-            (S::Creating, Owner::Known(Offline), None, MarkLost),
+            (S::Creating, Owner::Known(Online), None, Abandon),
+            (S::Creating, Owner::Known(Online), Some(Report::Running), Abandon),
+            (S::Creating, Owner::Known(Online), Some(Report::Missing), Abandon),
+            (S::Creating, Owner::Known(Stale), None, Abandon),
+            (S::Creating, Owner::Known(Offline), None, Abandon),
             (S::Running, Owner::Known(Online), None, AskOwner),
             (S::Running, Owner::Known(Online), Some(Report::Running), Keep),
             (S::Unhealthy, Owner::Known(Online), Some(Report::Running), SetState(S::Running)),
@@ -106,7 +111,7 @@ mod tests {
             (S::Running, Owner::Known(Offline), None, MarkLost),
             (S::Running, Owner::Missing, None, MarkLost),
             (S::Idle, Owner::Missing, None, MarkLost),
-            (S::Creating, Owner::Missing, None, MarkLost),
+            (S::Creating, Owner::Missing, None, Abandon),
             (S::Destroyed, Owner::Known(Offline), None, Keep),
             (S::Lost, Owner::Known(Offline), None, Keep),
         ];

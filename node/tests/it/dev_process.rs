@@ -65,6 +65,19 @@ impl Dev {
         s
     }
 
+    /// Children of this test's `stacyvm dev` still alive: their command
+    /// line names this test's directory (a recycled PID does not).
+    fn live_children(&self) -> Vec<i32> {
+        let dir = self.dir.display().to_string();
+        self.child_pids()
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&dir))
+            })
+            .collect()
+    }
+
     fn child_pids(&self) -> Vec<i32> {
         ["node-1", "node-2", "node-3", "worker-1", "worker-2"]
             .iter()
@@ -93,15 +106,17 @@ impl Dev {
 
 impl Drop for Dev {
     fn drop(&mut self) {
-        if self.child.is_some() && self.interrupt(Duration::from_secs(20)).is_none() {
-            for pid in self.child_pids() {
-                // Processes `stacyvm dev` (our child) started.
-                stacyvm_runtimes::sys::kill(pid, libc::SIGKILL);
-            }
-            if let Some(mut c) = self.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        if self.child.is_some() {
+            let _ = self.interrupt(Duration::from_secs(20));
+        }
+        // Whatever is still alive (dev hung, crashed, or a check failed):
+        // processes `stacyvm dev` (our child) started.
+        for pid in self.live_children() {
+            stacyvm_runtimes::sys::kill(pid, libc::SIGKILL);
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
@@ -165,7 +180,9 @@ fn dev_runs_the_readme_flow_and_survives_losing_its_leader() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("dev");
     let out = tmp.path().join("dev.out");
-    let (api, raft, workers) = (free_run(3), free_run(3), free_run(2));
+    // One run of 8 ports, so the three ranges cannot overlap.
+    let base = free_run(8);
+    let (api, raft, workers) = (base, base + 3, base + 6);
     let child = Command::new(bin())
         .args(["dev", "--dir"])
         .arg(&dir)
@@ -181,6 +198,9 @@ fn dev_runs_the_readme_flow_and_survives_losing_its_leader() {
             "DOCKER_HOST",
             "unix:///nonexistent/stacyvm-test/docker.sock",
         )
+        // Replicas inherit this: a spawn naming no runtime works only if
+        // `dev` tells them the runtime its workers offer.
+        .env("STACYVM_DEFAULT_RUNTIME", "no-such-runtime")
         .env("STACYVM_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::from(std::fs::File::create(&out).expect("out")))
@@ -284,6 +304,7 @@ fn dev_runs_the_readme_flow_and_survives_losing_its_leader() {
     for pid in pids {
         assert!(!alive(pid), "child {pid} outlived stacyvm dev");
     }
+    assert!(dev.live_children().is_empty());
     let mut s = String::new();
     let _ = std::fs::File::open(&dev.out).and_then(|mut f| f.read_to_string(&mut s));
     assert!(s.contains("stopped"), "{s}");

@@ -40,7 +40,8 @@ async fn run(driver: StoreDriver) {
     let a1 = c.spawn(&spawn()).await.expect("a1").id; // online, running: kept
     let a3 = c.spawn(&spawn()).await.expect("a3").id; // online, record says unhealthy: corrected
     let a4 = c.spawn(&spawn()).await.expect("a4").id; // online, its process died: error
-    // online, runs it, but its `running` write was lost (leader crash): corrected
+    // online, runs it, but its `running` write was lost (leader crash): no
+    // client was told it exists, so it is abandoned
     let a5 = c.spawn(&spawn()).await.expect("a5").id;
     let a5_spawned = std::time::Instant::now();
 
@@ -65,8 +66,8 @@ async fn run(driver: StoreDriver) {
     // Persisted sandboxes, each under a lease held by its worker.
     let persisted = [
         ("sb-a20000000001", "worker-a"),
-        ("sb-a30000000001", "worker-a"), // creating, settled, never started: lost
-        ("sb-e20000000001", "worker-e"), // creating, settled, owner unknown: lost
+        ("sb-a30000000001", "worker-a"), // creating, settled, never started: abandoned
+        ("sb-e20000000001", "worker-e"), // creating, settled, owner unknown: abandoned
         ("sb-b10000000001", "worker-b"),
         ("sb-c10000000001", "worker-c"),
         ("sb-d10000000001", "worker-d"),
@@ -212,19 +213,23 @@ async fn run(driver: StoreDriver) {
     assert!(!has_lease("sb-e10000000001").await);
     assert_eq!(
         state(a5.clone()).await,
-        SandboxState::Running,
-        "settled creating, online worker runs it: record corrected"
+        SandboxState::Destroyed,
+        "settled creating, online worker runs it: abandoned"
     );
+    assert!(matches!(
+        store.get_lease(&a5).await,
+        Err(StoreError::NotFound { .. })
+    ));
     assert_eq!(
         state("sb-a30000000001".into()).await,
-        SandboxState::Lost,
-        "settled creating, online worker never started it"
+        SandboxState::Destroyed,
+        "settled creating, online worker never started it: abandoned"
     );
     assert!(!has_lease("sb-a30000000001").await);
     assert_eq!(
         state("sb-e20000000001".into()).await,
-        SandboxState::Lost,
-        "settled creating, no such worker"
+        SandboxState::Destroyed,
+        "settled creating, no such worker: abandoned"
     );
     assert!(!has_lease("sb-e20000000001").await);
     assert_eq!(
@@ -242,9 +247,15 @@ async fn run(driver: StoreDriver) {
     assert!(
         running.contains(&a1)
             && running.contains(&a3)
-            && running.contains(&a5)
             && !running.contains(&"sb-a20000000001".to_string())
     );
+    // The abandoned spawn's worker stops it once its heartbeat learns the lease is gone.
+    eventually(
+        Duration::from_secs(10),
+        "abandoned sandbox stopped",
+        || async { !a.running_here().await.contains(&a5) },
+    )
+    .await;
     a.cleanup().await;
     plane.shutdown().await;
 }
@@ -324,6 +335,71 @@ async fn passes_cover_more_than_one_page() {
         lost == ids.len()
     })
     .await;
+    a.cleanup().await;
+    plane.shutdown().await;
+}
+
+/// A spawn still running on this replica (here: a template setup step that
+/// outlasts the spawn timeout) is left alone by reconciliation, and it
+/// completes as `running`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spawn_in_flight_is_not_abandoned() {
+    let cfg = ControlConfig {
+        spawn_timeout: Duration::from_millis(500),
+        ..cfg()
+    };
+    let plane = Plane::start(1, StoreDriver::Sqlite, cfg)
+        .await
+        .expect("plane");
+    let cp = plane.leader().await;
+    let a = W::start("worker-a", plane.apis(), Duration::from_secs(2)).await;
+    let c = std::sync::Arc::new(plane.client());
+    workers_online(&c, 1).await;
+    let t = serde_json::json!({"name": "slow", "image": "busybox", "setup": ["sleep 2"]});
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/templates", plane.apis()[0]))
+        .json(&t)
+        .send()
+        .await
+        .expect("create template");
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let spawn = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.spawn(&SpawnRequest {
+                template: "slow".into(),
+                ..Default::default()
+            })
+            .await
+        })
+    };
+    let store = cp.r().store().clone();
+    let creating = || async {
+        store
+            .list_sandboxes(&Default::default())
+            .await
+            .expect("list")
+            .into_iter()
+            .find(|s| s.state == SandboxState::Creating)
+    };
+    eventually(Duration::from_secs(5), "a creating record", || async {
+        creating().await.is_some()
+    })
+    .await;
+    // Older than the spawn timeout, but this replica is still running its spawn.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let sb = creating().await.expect("still creating");
+    let taken = cp.control.reconcile_pass().await.expect("reconcile");
+    assert!(
+        taken.is_empty(),
+        "reconcile acted on a spawn in flight: {taken:?}"
+    );
+    let done = spawn.await.expect("join").expect("the spawn succeeds");
+    assert_eq!(done.id, sb.id);
+    assert_eq!(
+        store.get_sandbox(&sb.id).await.expect("record").state,
+        SandboxState::Running
+    );
     a.cleanup().await;
     plane.shutdown().await;
 }
