@@ -1009,9 +1009,15 @@ fn api_err(what: &str, e: bollard::errors::Error) -> RuntimeError {
         E::RequestTimeoutError => {
             RuntimeError::Unavailable(format!("{what}: dockerd did not answer in time"))
         }
-        E::IOError { .. } | E::HyperResponseError { .. } => {
-            RuntimeError::Unavailable(format!("{what}: dockerd: {}", short(&e.to_string())))
-        }
+        // Cannot reach the daemon (stopped, restarting, socket gone): the
+        // sandbox's fate is unknown, never "not found".
+        E::IOError { .. }
+        | E::HyperResponseError { .. }
+        | E::HyperLegacyError { .. }
+        | E::SocketNotFoundError(_) => RuntimeError::Unavailable(format!(
+            "{what}: dockerd is not reachable: {}",
+            short(&e.to_string())
+        )),
         _ => RuntimeError::Internal(format!("{what}: {}", short(&e.to_string()))),
     }
 }

@@ -316,3 +316,237 @@ async fn import_rootfs_then_spawn() {
         .await;
     assert_eq!(hello, "imported\n");
 }
+
+/// A dockerd this test starts and stops itself (its own socket, data and
+/// exec roots; no bridge, no iptables), so it can be stopped mid-spawn
+/// without touching the daemon the other cases share.
+struct PrivateDockerd {
+    run: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateDockerd {
+    fn socket(&self) -> String {
+        format!("unix://{}/docker.sock", self.run.path().display())
+    }
+
+    fn start(&mut self) {
+        let p = self.run.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p.join("dockerd.log"))
+            .expect("dockerd log");
+        let child = std::process::Command::new(dockerd_bin())
+            .args(["--host", &self.socket()])
+            .arg("--data-root")
+            .arg(p.join("data"))
+            .arg("--exec-root")
+            .arg(p.join("exec"))
+            .arg("--pidfile")
+            .arg(p.join("dockerd.pid"))
+            .args(["--bridge=none", "--iptables=false", "--ip-masq=false"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd");
+        self.child = Some(child);
+    }
+
+    /// Sends `sig` (SIGTERM: `systemctl stop docker`; SIGKILL: a crash)
+    /// and waits for it to exit.
+    fn stop_with(&mut self, sig: i32) {
+        if let Some(mut c) = self.child.take() {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                stacyvm_runtimes::sys::kill(pid, sig);
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// After a SIGKILL, dockerd's containerd dies too but may stay a zombie
+    /// when nothing reaps orphans (PID 1 in a container often does not), and
+    /// a restarted dockerd takes its live-looking PID for a running
+    /// containerd and waits for it forever. Wait for it to die, then drop
+    /// its pid file. (A host's init reaps at once; this is the test box.)
+    async fn forget_dead_containerd(&self) {
+        let pidfile = self.run.path().join("exec/containerd/containerd.pid");
+        let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        else {
+            return;
+        };
+        let dead = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true)
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !dead() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(dead(), "containerd {pid} outlived its killed dockerd");
+        let _ = std::fs::remove_file(pidfile);
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.run.path().join("dockerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for PrivateDockerd {
+    fn drop(&mut self) {
+        self.stop_with(libc::SIGTERM);
+    }
+}
+
+fn dockerd_bin() -> String {
+    ["/usr/sbin/dockerd", "/usr/bin/dockerd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("dockerd")
+        .to_string()
+}
+
+async fn answers(rt: &DockerRuntime, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if rt.health().await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// dockerd killed in the middle of a spawn: the spawn ends (no hang) with
+/// a clear error or, if it won the race, a sandbox; while the daemon is
+/// down every call answers `UNAVAILABLE` (never `NOT_FOUND`, which a worker
+/// would take for "gone"); once it is back, a destroy leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dockerd_stopped_mid_spawn() {
+    let name = "docker (dockerd stopped mid-spawn)";
+    let Ok(rootfs) = std::env::var("STACYVM_TEST_ROOTFS") else {
+        skip_unless_ci(name, "STACYVM_TEST_ROOTFS is not set");
+        return;
+    };
+    // SAFETY-free check for root: only root may start a dockerd.
+    let is_root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    });
+    if !is_root || !Path::new(&dockerd_bin()).exists() {
+        skip_unless_ci(name, "needs root and a dockerd binary");
+        return;
+    }
+    let mut d = PrivateDockerd {
+        run: tempfile::Builder::new()
+            .prefix("stacyvm-dockerd-")
+            .tempdir_in("/tmp")
+            .expect("run dir"),
+        child: None,
+    };
+    d.start();
+    let state = tempfile::tempdir().expect("state dir");
+    let mut opts = options("docker", state.path());
+    opts.socket = d.socket();
+    let sock = d.run.path().join("docker.sock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let rt = Arc::new(DockerRuntime::connect(opts.clone()).await.expect("client"));
+    assert!(
+        answers(&rt, std::time::Duration::from_secs(60)).await,
+        "private dockerd did not start:\n{}",
+        d.log_tail()
+    );
+    let tar = std::process::Command::new("tar")
+        .args(["-C", &rootfs, "-c", "."])
+        .output()
+        .expect("tar");
+    assert!(tar.status.success());
+    let image = "stacyvm-test/stopped-daemon:1";
+    rt.import_rootfs(tar.stdout.into(), image)
+        .await
+        .expect("import");
+
+    let id = random_sandbox_id();
+    let spec = SpawnSpec {
+        sandbox_id: id.clone(),
+        image: image.to_string(),
+        memory_mb: 128,
+        vcpus: 1,
+        ..SpawnSpec::default()
+    };
+    let spawning = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.spawn(&spec).await })
+    };
+    // Killed, not stopped politely: a SIGTERMed dockerd finishes the API
+    // calls in flight, so the spawn would always win the race.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    d.stop_with(libc::SIGKILL);
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(120), spawning)
+        .await
+        .expect("the spawn must end, not hang, when dockerd stops")
+        .expect("join");
+    eprintln!("spawn with dockerd killed 20 ms in: {outcome:?}");
+    if let Err(e) = &outcome {
+        assert!(
+            matches!(e.code(), "UNAVAILABLE" | "INTERNAL_ERROR"),
+            "a stopped daemon is a clear error, got {}: {e}",
+            e.code()
+        );
+    }
+    let rt_dyn: Arc<dyn Runtime> = rt.clone();
+    let down = rt_dyn.status(&id).await.expect_err("dockerd is down");
+    assert_eq!(down.code(), "UNAVAILABLE", "{down}");
+    assert_eq!(
+        rt_dyn.health().await.expect_err("down").code(),
+        "UNAVAILABLE"
+    );
+
+    // Back up: whatever the spawn left is found and removed by a destroy.
+    d.forget_dead_containerd().await;
+    d.start();
+    assert!(
+        answers(&rt, std::time::Duration::from_secs(60)).await,
+        "private dockerd did not restart:\n{}",
+        d.log_tail()
+    );
+    match rt_dyn.destroy(&id).await {
+        Ok(()) => {}
+        Err(e) => assert_eq!(e.code(), "NOT_FOUND", "destroy after restart: {e}"),
+    }
+    let f = DockerFixture {
+        dir: state,
+        opts,
+        runtime: rt.clone(),
+        image: image.to_string(),
+    };
+    let left = f.leftovers().await;
+    assert!(
+        left.is_empty(),
+        "left behind: {left:?} (spawn outcome {outcome:?})"
+    );
+    d.stop_with(libc::SIGTERM);
+}
