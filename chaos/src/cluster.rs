@@ -19,6 +19,114 @@ use std::time::{Duration, Instant};
 
 use crate::proxy::{self, Links, Node};
 
+/// Where the replicas keep their system of record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Database {
+    /// Embedded SQLite in each replica's data directory (the default).
+    Sqlite,
+    /// One Postgres database per replica, created on the server `base` names
+    /// (a DSN whose database the harness may connect to and create others from).
+    Postgres { base: String },
+    /// One Postgres database all replicas share (`--shared-database`).
+    PostgresShared { base: String },
+}
+
+impl Database {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Database::Sqlite => "sqlite",
+            Database::Postgres { .. } => "postgres",
+            Database::PostgresShared { .. } => "postgres-shared",
+        }
+    }
+}
+
+/// `base` with its database name replaced by `db` (query string kept).
+fn dsn_for(base: &str, db: &str) -> Result<String, ClusterError> {
+    let (head, query) = match base.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (base, None),
+    };
+    let after_scheme = head
+        .find("://")
+        .map(|i| i + 3)
+        .ok_or_else(|| ClusterError::Io("the Postgres DSN has no scheme".into()))?;
+    let root = match head[after_scheme..].find('/') {
+        Some(i) => &head[..after_scheme + i],
+        None => head,
+    };
+    Ok(match query {
+        Some(q) => format!("{root}/{db}?{q}"),
+        None => format!("{root}/{db}"),
+    })
+}
+
+/// libpq environment for a `postgres://user[:password]@host[:port]/db[?sslmode=..]`
+/// DSN, so it never sits on a command line.
+fn libpq_env(dsn: &str) -> Result<Vec<(&'static str, String)>, ClusterError> {
+    let bad = || ClusterError::Io("the Postgres DSN is not postgres://user@host:port/db".into());
+    let rest = dsn
+        .strip_prefix("postgres://")
+        .or_else(|| dsn.strip_prefix("postgresql://"))
+        .ok_or_else(bad)?;
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((a, r)) => (Some(a), r),
+        None => (None, rest),
+    };
+    let (hostport, db) = rest.split_once('/').unwrap_or((rest, ""));
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (hostport, None),
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    let mut env = vec![("PGHOST", host.to_string())];
+    if let Some(p) = port {
+        env.push(("PGPORT", p.to_string()));
+    }
+    if !db.is_empty() {
+        env.push(("PGDATABASE", db.to_string()));
+    }
+    if let Some(a) = auth {
+        match a.split_once(':') {
+            Some((u, pw)) => {
+                env.push(("PGUSER", u.to_string()));
+                env.push(("PGPASSWORD", pw.to_string()));
+            }
+            None => env.push(("PGUSER", a.to_string())),
+        }
+    }
+    for kv in query.unwrap_or("").split('&') {
+        if let Some(mode) = kv.strip_prefix("sslmode=") {
+            env.push(("PGSSLMODE", mode.to_string()));
+        }
+    }
+    Ok(env)
+}
+
+/// Runs one SQL statement with `psql` against `dsn` (the DSN goes in the
+/// environment, never on a command line or in an error).
+fn psql(dsn: &str, sql: &str) -> Result<(), ClusterError> {
+    let out = Command::new("psql")
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+        .envs(libpq_env(dsn)?)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io("psql"))?;
+    if !out.status.success() {
+        return Err(ClusterError::Io(format!(
+            "psql {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 /// Timing and size of a cluster.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -31,6 +139,7 @@ pub struct Options {
     pub offline_grace_ms: u64,
     pub safety_margin_ms: u64,
     pub reconcile_interval: String,
+    pub database: Database,
 }
 
 impl Options {
@@ -45,6 +154,7 @@ impl Options {
             offline_grace_ms: 1000,
             safety_margin_ms: 1000,
             reconcile_interval: "2s".into(),
+            database: Database::Sqlite,
         }
     }
 }
@@ -167,6 +277,8 @@ pub struct Cluster {
     http: reqwest::Client,
     /// Replica IDs that left the cluster (never reused).
     pub removed: Vec<u64>,
+    /// Postgres databases this cluster created (dropped on drop).
+    databases: Vec<String>,
 }
 
 /// What `/api/v1/cluster/status` says.
@@ -220,6 +332,7 @@ impl Cluster {
             procs: BTreeMap::new(),
             http,
             removed: Vec::new(),
+            databases: Vec::new(),
         };
         for i in 1..=c.opts.replicas {
             c.add_addrs(i).await?;
@@ -359,6 +472,45 @@ impl Cluster {
         ]
     }
 
+    /// Arguments and environment that point replica `i` at its database,
+    /// creating the database the first time.
+    fn database_for(
+        &mut self,
+        i: u64,
+    ) -> Result<(Vec<String>, Vec<(&'static str, String)>), ClusterError> {
+        let (base, db, shared) = match &self.opts.database {
+            Database::Sqlite => return Ok((Vec::new(), Vec::new())),
+            Database::Postgres { base } => (base.clone(), self.db_name(Some(i)), false),
+            Database::PostgresShared { base } => (base.clone(), self.db_name(None), true),
+        };
+        if !self.databases.contains(&db) {
+            psql(&base, &format!("CREATE DATABASE {db}"))?;
+            self.databases.push(db.clone());
+        }
+        let mut args = vec!["--database-driver=postgres".to_string()];
+        if shared {
+            args.push("--shared-database".into());
+        }
+        Ok((args, vec![("STACYVM_DATABASE_DSN", dsn_for(&base, &db)?)]))
+    }
+
+    /// `stacyvm_chaos_<dir suffix>[_<replica>]`: unique per cluster.
+    fn db_name(&self, replica: Option<u64>) -> String {
+        let tag: String = self
+            .dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default()
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        match replica {
+            Some(i) => format!("{tag}_{i}"),
+            None => tag,
+        }
+    }
+
     /// Starts replica `i` on its data directory (again, after a kill).
     /// `join` makes a new replica join through a current member.
     pub fn start_replica(&mut self, i: u64, join: bool) -> Result<(), ClusterError> {
@@ -391,7 +543,9 @@ impl Cluster {
                 }
             }
         }
-        self.spawn(Node::Replica(i), args, &[])
+        let (db_args, env) = self.database_for(i)?;
+        args.extend(db_args);
+        self.spawn(Node::Replica(i), args, &env)
     }
 
     pub fn start_worker(&mut self, w: u32) -> Result<(), ClusterError> {
@@ -712,6 +866,14 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.shutdown();
+        // Databases last: one still in use cannot be dropped.
+        let base = match &self.opts.database {
+            Database::Sqlite => return,
+            Database::Postgres { base } | Database::PostgresShared { base } => base.clone(),
+        };
+        for db in std::mem::take(&mut self.databases) {
+            let _ = psql(&base, &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+        }
     }
 }
 
@@ -728,4 +890,53 @@ fn run(bin: &Path, args: &[&str]) -> Result<(), ClusterError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dsn_for;
+
+    #[test]
+    fn dsn_names_the_database_and_keeps_the_rest() {
+        let cases = [
+            (
+                "postgres://u@127.0.0.1:5432/postgres",
+                "postgres://u@127.0.0.1:5432/x",
+            ),
+            (
+                "postgres://u:p@127.0.0.1:5432/postgres?sslmode=disable",
+                "postgres://u:p@127.0.0.1:5432/x?sslmode=disable",
+            ),
+            (
+                "postgres://u@127.0.0.1:5432",
+                "postgres://u@127.0.0.1:5432/x",
+            ),
+        ];
+        for (base, want) in cases {
+            assert_eq!(dsn_for(base, "x").expect("dsn"), want, "{base}");
+        }
+        assert!(dsn_for("no-scheme", "x").is_err());
+    }
+
+    #[test]
+    fn libpq_env_splits_a_dsn() {
+        let env =
+            super::libpq_env("postgres://u:pw@127.0.0.1:5433/db?sslmode=disable").expect("env");
+        let want = [
+            ("PGHOST", "127.0.0.1"),
+            ("PGPORT", "5433"),
+            ("PGDATABASE", "db"),
+            ("PGUSER", "u"),
+            ("PGPASSWORD", "pw"),
+            ("PGSSLMODE", "disable"),
+        ];
+        assert_eq!(
+            env.iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect::<Vec<_>>(),
+            want
+        );
+        assert!(super::libpq_env("mysql://x").is_err());
+        assert!(super::libpq_env("postgres:///db").is_err());
+    }
 }

@@ -14,6 +14,8 @@ pub struct Report {
     pub seed: u64,
     pub replicas: u64,
     pub workers: u32,
+    /// `sqlite`, `postgres` (one database per replica) or `postgres-shared`.
+    pub database: String,
     pub duration_s: f64,
     pub faults: Vec<Fault>,
     pub operations: BTreeMap<String, BTreeMap<String, usize>>,
@@ -74,11 +76,12 @@ impl Report {
         };
         s.push_str(&format!("# Chaos run: {verdict}\n\n"));
         s.push_str(&format!(
-            "Profile `{}`, seed `{}`, {} replicas, {} workers, {:.0} s, {} faults, {} violations.\n\n",
+            "Profile `{}`, seed `{}`, {} replicas, {} workers, database {}, {:.0} s, {} faults, {} violations.\n\n",
             self.profile,
             self.seed,
             self.replicas,
             self.workers,
+            self.database,
             self.duration_s,
             self.faults.len(),
             self.violations.len()

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use stacyvm_chaos::checker::{self, Evidence, FinalReads, Outcome, Violation};
-use stacyvm_chaos::cluster::{Cluster, Options, find_binary};
+use stacyvm_chaos::cluster::{Cluster, Database, Options, find_binary};
 use stacyvm_chaos::nemesis::{Fault, Kind, Nemesis, Schedule};
 use stacyvm_chaos::proxy::{Links, Node};
 use stacyvm_chaos::report::{self, Report};
@@ -42,9 +42,16 @@ struct Args {
     replicas: u64,
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=9))]
     workers: u32,
-    /// Report directory (default target/chaos/<seed>).
+    /// Report directory (default target/chaos/<seed>, or
+    /// target/chaos/<seed>-<database> off SQLite).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// System of record: `sqlite` (each replica's own file), `postgres` (a
+    /// database per replica) or `postgres-shared` (one database for all);
+    /// the Postgres profiles create their databases on the server that
+    /// `STACYVM_POSTGRES_TEST_DSN` names and drop them afterwards.
+    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "postgres", "postgres-shared"])]
+    database: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -180,10 +187,25 @@ impl Run {
         let mut opts = Options::new(find_binary().map_err(|e| e.to_string())?);
         opts.replicas = args.replicas;
         opts.workers = args.workers;
+        opts.database = match args.database.as_str() {
+            "sqlite" => Database::Sqlite,
+            mode => {
+                let base = std::env::var("STACYVM_POSTGRES_TEST_DSN")
+                    .ok()
+                    .filter(|d| !d.is_empty())
+                    .ok_or("--database postgres* needs STACYVM_POSTGRES_TEST_DSN (a server the harness may create databases on)")?;
+                if mode == "postgres" {
+                    Database::Postgres { base }
+                } else {
+                    Database::PostgresShared { base }
+                }
+            }
+        };
         let links = Links::new(rng.next_u64());
         eprintln!(
-            "chaos: seed {seed}, profile {}, nemeses {:?}",
+            "chaos: seed {seed}, profile {}, database {}, nemeses {:?}",
             args.profile,
+            args.database,
             chosen.iter().map(|k| k.name()).collect::<Vec<_>>()
         );
         let mut c = Cluster::start(opts, links)
@@ -331,6 +353,7 @@ impl Run {
             seed,
             replicas: args.replicas,
             workers: args.workers,
+            database: args.database.clone(),
             duration_s,
             recovery_ms: report::recovery(&faults),
             faults,
@@ -503,7 +526,12 @@ fn main() {
     });
     let out = args.out.clone().unwrap_or_else(|| {
         let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-        PathBuf::from(target).join("chaos").join(seed.to_string())
+        let name = if args.database == "sqlite" {
+            seed.to_string()
+        } else {
+            format!("{seed}-{}", args.database)
+        };
+        PathBuf::from(target).join("chaos").join(name)
     });
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Builder::new_multi_thread()
