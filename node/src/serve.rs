@@ -550,6 +550,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
             "--shared-database needs --database-driver postgres".into(),
         ));
     }
+    if args.shared_database {
+        tracing::warn!(
+            "--shared-database is not safe when replicas start apart or restart \
+             (a replica can stop serving; ARCHITECTURE.md, known limits): \
+             give each replica its own database"
+        );
+    }
     // Every start is a new incarnation; a resumed replica has it recorded by
     // the cluster before it takes part, so a restart from an older copy of
     // this data directory is refused instead of trusted (its votes and
