@@ -506,11 +506,17 @@ impl Agent {
             && let Some(rt) = self.runtimes.get(&h.runtime)
         {
             match rt.destroy(sandbox_id).await {
-                Ok(()) | Err(RuntimeError::NotFound(_)) => tracing::warn!(
+                Ok(()) => tracing::warn!(
                     sandbox = sandbox_id,
                     generation = h.generation,
                     why,
                     "stopped sandbox"
+                ),
+                Err(RuntimeError::NotFound(_)) => tracing::warn!(
+                    sandbox = sandbox_id,
+                    generation = h.generation,
+                    why,
+                    "sandbox to stop was already gone"
                 ),
                 Err(e) => {
                     tracing::error!(sandbox = sandbox_id, error = %e, "could not stop sandbox")

@@ -280,6 +280,8 @@ impl MockRuntime {
         if first {
             append_log(dir, "stopped");
             self.event("stop", meta);
+        } else {
+            tracing::debug!(sandbox = %meta.sandbox_id, "stop already recorded");
         }
     }
 
@@ -494,7 +496,14 @@ impl Runtime for MockRuntime {
         if std::fs::symlink_metadata(&dir).is_err() {
             return Err(RuntimeError::NotFound(format!("sandbox {sandbox_id}")));
         }
-        let meta = read_meta(&dir).ok();
+        let meta = match read_meta(&dir) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                // Its stop cannot reach the evidence log without metadata.
+                tracing::warn!(sandbox = sandbox_id, error = %e, "destroying a mock sandbox without readable metadata");
+                None
+            }
+        };
         if let Some(meta) = &meta
             && keeper_alive(meta.keeper_pid, sandbox_id)
         {
