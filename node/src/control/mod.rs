@@ -1412,6 +1412,34 @@ impl Control {
         Ok(n)
     }
 
+    /// Revokes a sandbox's lease (if any) and moves its record to `state`
+    /// (`Lost` or `Destroyed`) in one entry. Uses `SetSandboxState`, not
+    /// `DestroySandbox`: that answers Ok for a record a user destroyed
+    /// meanwhile, whose slot is already free. Returns whether this call moved
+    /// the record, and only then frees its slot.
+    async fn close_record(&self, sb: &Sandbox, state: SandboxState) -> Result<bool, ControlError> {
+        let mut m = Vec::new();
+        if self.store().get_lease(&sb.id).await.is_ok() {
+            m.push(Mutation::RevokeLease {
+                resource_id: sb.id.clone(),
+            });
+        }
+        m.push(Mutation::SetSandboxState {
+            id: sb.id.clone(),
+            state,
+            at: now_ts(),
+        });
+        let out = self
+            .replica
+            .write_revoking(std::slice::from_ref(&sb.id), m)
+            .await?;
+        let moved = out.last().is_some_and(|r| r.is_ok());
+        if moved && occupies(sb.state) {
+            self.release_slot(&sb.owner_id, &sb.worker_id);
+        }
+        Ok(moved)
+    }
+
     /// One reconciliation pass over every persisted sandbox (see [`reconcile`]).
     /// Returns the actions taken, for tests and logs.
     pub async fn reconcile_pass(&self) -> Result<Vec<(String, reconcile::Action)>, ControlError> {
@@ -1494,29 +1522,7 @@ impl Control {
                     taken.push((sb.id.clone(), action));
                 }
                 reconcile::Action::MarkLost => {
-                    let has_lease = self.store().get_lease(&sb.id).await.is_ok();
-                    let mut m = Vec::new();
-                    if has_lease {
-                        m.push(Mutation::RevokeLease {
-                            resource_id: sb.id.clone(),
-                        });
-                    }
-                    m.push(Mutation::SetSandboxState {
-                        id: sb.id.clone(),
-                        state: SandboxState::Lost,
-                        at: now_ts(),
-                    });
-                    let out = self
-                        .replica
-                        .write_revoking(std::slice::from_ref(&sb.id), m)
-                        .await?;
-                    // Only a record this pass moved out of an occupying
-                    // state frees a slot (a user may have destroyed it meanwhile).
-                    if out.last().is_some_and(|r| r.is_ok()) {
-                        if occupies(sb.state) {
-                            let _ =
-                                self.with_leader(|s| s.counts.add(&sb.owner_id, &sb.worker_id, -1));
-                        }
+                    if self.close_record(sb, SandboxState::Lost).await? {
                         self.counters
                             .sandboxes_marked_lost
                             .fetch_add(1, Ordering::Relaxed);
@@ -1524,27 +1530,7 @@ impl Control {
                     }
                 }
                 reconcile::Action::Abandon => {
-                    let has_lease = self.store().get_lease(&sb.id).await.is_ok();
-                    let mut m = Vec::new();
-                    if has_lease {
-                        m.push(Mutation::RevokeLease {
-                            resource_id: sb.id.clone(),
-                        });
-                    }
-                    // Not `DestroySandbox`: that answers Ok for a record a
-                    // user destroyed meanwhile, whose slot is already free.
-                    m.push(Mutation::SetSandboxState {
-                        id: sb.id.clone(),
-                        state: SandboxState::Destroyed,
-                        at: now_ts(),
-                    });
-                    let out = self
-                        .replica
-                        .write_revoking(std::slice::from_ref(&sb.id), m)
-                        .await?;
-                    if out.last().is_some_and(|r| r.is_ok()) {
-                        let _ = self.with_leader(|s| s.counts.add(&sb.owner_id, &sb.worker_id, -1));
-                        self.capacity.notify_waiters();
+                    if self.close_record(sb, SandboxState::Destroyed).await? {
                         taken.push((sb.id.clone(), action));
                     }
                 }
