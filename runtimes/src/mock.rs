@@ -13,7 +13,7 @@
 //! <state_dir>/<sandbox_id>/
 //!     meta.json     sandbox_id, image, labels, generation, env, keeper_pid, keeperless, created_at
 //!     sandbox.log   lines the runtime appends: started, one per exec, stopped
-//!     stopped       marker: the stop was recorded (written once)
+//!     stopped       marker: the stop's evidence is written
 //!     root/         the sandbox filesystem; root/workspace is /workspace
 //! ```
 //!
@@ -45,7 +45,9 @@
 //! [`MockRuntime::new`]), one JSON line is appended per sandbox start and stop:
 //! `{"event":"start"|"stop","sandbox_id":…,"worker_id":…,"generation":…,"mono_ns":…,"pid":…}`.
 //! A start is written before the keeper starts and a stop after it is known
-//! dead, so each start..stop interval covers the sandbox's real lifetime.
+//! dead, so each start..stop interval covers the sandbox's real lifetime. A
+//! stop is written at least once: a worker killed between writing it and
+//! marking it written writes it again after its restart.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -82,6 +84,9 @@ const KEEPER_SCRIPT: &str = "while :; do sleep 3600; done";
 const META: &str = "meta.json";
 const LOG: &str = "sandbox.log";
 const STOPPED: &str = "stopped";
+/// How long (in 10 ms steps) a destroy waits for a spawn of the same
+/// sandbox in progress in this process: 30 s.
+const SPAWN_WAIT_STEPS: u32 = 3_000;
 const ROOT: &str = "root";
 const MAX_ID_LEN: usize = 128;
 
@@ -269,25 +274,36 @@ impl MockRuntime {
         }
     }
 
-    /// Writes the stop (log line and evidence event) exactly once per sandbox:
-    /// the `stopped` marker is created with `O_EXCL`.
+    /// Writes the stop (log line and evidence event) at least once per
+    /// sandbox: the `stopped` marker is created only after the evidence is
+    /// written, so a worker killed in between, or an evidence log that
+    /// could not be written, leaves the stop to be written again by the
+    /// next observer. (Marking first lost the stop for good when the worker
+    /// died between the two; the evidence checker ignores a repeated stop.)
     fn record_stop(&self, dir: &Path, meta: &Meta) {
-        let first = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(dir.join(STOPPED))
-            .is_ok();
-        if first {
-            append_log(dir, "stopped");
-            self.event("stop", meta);
-        } else {
+        if dir.join(STOPPED).exists() {
             tracing::debug!(sandbox = %meta.sandbox_id, "stop already recorded");
+            return;
+        }
+        append_log(dir, "stopped");
+        if !self.event("stop", meta) {
+            return;
+        }
+        if let Err(e) = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(STOPPED))
+        {
+            tracing::debug!(sandbox = %meta.sandbox_id, error = %e, "cannot mark the stop recorded");
         }
     }
 
-    fn event(&self, event: &str, meta: &Meta) {
+    /// Appends one evidence line; `false` only when a configured evidence
+    /// log could not be written.
+    fn event(&self, event: &str, meta: &Meta) -> bool {
         let Some(path) = &self.event_log else {
-            return;
+            return true;
         };
         let line = serde_json::json!({
             "event": event,
@@ -297,8 +313,12 @@ impl MockRuntime {
             "mono_ns": crate::sys::monotonic_ns(),
             "pid": std::process::id(),
         });
-        if let Err(e) = append_line(path, &line.to_string()) {
-            tracing::warn!(error = %e, path = %path.display(), "cannot write mock event log");
+        match append_line(path, &line.to_string()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot write mock event log");
+                false
+            }
         }
     }
 
@@ -443,6 +463,12 @@ impl Runtime for MockRuntime {
         }
         let id = spec.sandbox_id.as_str();
         let dir = self.sandbox_dir(id);
+        // In the set of spawns in progress before the directory exists (a
+        // destroy that sees the directory waits for the spawn), and until
+        // the spawn is over, however it ends (even cancelled).
+        let Some(_spawning) = Spawning::enter(&self.spawning, id) else {
+            return Err(RuntimeError::AlreadyExists(format!("sandbox {id}")));
+        };
         // `create_dir` (not `_all`) is the atomic claim on the id.
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
@@ -455,10 +481,7 @@ impl Runtime for MockRuntime {
                 )));
             }
         }
-        lk(&self.spawning).insert(id.to_string());
-        let started = self.start(&dir, spec).await;
-        lk(&self.spawning).remove(id);
-        match started {
+        match self.start(&dir, spec).await {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -492,6 +515,15 @@ impl Runtime for MockRuntime {
 
     async fn destroy(&self, sandbox_id: &str) -> Result<(), RuntimeError> {
         validate_id(sandbox_id)?;
+        // A destroy that overtakes its own spawn (the caller gave up on a
+        // slow spawn) waits for it: stopping a half-started sandbox could
+        // miss the keeper it is about to start and leave it running.
+        for _ in 0..SPAWN_WAIT_STEPS {
+            if !lk(&self.spawning).contains(sandbox_id) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let dir = self.sandbox_dir(sandbox_id);
         if std::fs::symlink_metadata(&dir).is_err() {
             return Err(RuntimeError::NotFound(format!("sandbox {sandbox_id}")));
@@ -779,13 +811,35 @@ fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
     file.write_all(&buf)
 }
 
-/// Is `pid` this sandbox's keeper, alive (not a zombie)? The command line
-/// check makes a reused pid count as dead.
+/// Membership of one sandbox in the set of spawns in progress, for as long
+/// as the guard lives.
+struct Spawning<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    id: &'a str,
+}
+
+impl<'a> Spawning<'a> {
+    /// `None` when a spawn of `id` is already in progress.
+    fn enter(set: &'a Mutex<HashSet<String>>, id: &'a str) -> Option<Self> {
+        lk(set)
+            .insert(id.to_string())
+            .then_some(Spawning { set, id })
+    }
+}
+
+impl Drop for Spawning<'_> {
+    fn drop(&mut self) {
+        lk(self.set).remove(self.id);
+    }
+}
+
 /// A poisoned lock still guards a plain set: take it.
 fn lk<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Is `pid` this sandbox's keeper, alive (not a zombie)? The command line
+/// check makes a reused pid count as dead.
 fn keeper_alive(pid: u32, sandbox_id: &str) -> bool {
     if pid <= 1 {
         return false;

@@ -413,6 +413,91 @@ async fn interrupted_spawn_is_stopped_by_the_next_instance() {
     next.destroy(&id).await.expect("destroy");
 }
 
+/// A stop whose evidence could not be written (here: the evidence log's
+/// directory is missing; in chaos: the worker was killed between writing
+/// the stop and marking it written) is written by the next observer, and
+/// only until it has landed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_evidence_is_written_again_until_it_lands() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let evidence = dir.path().join("evidence");
+    let log = evidence.join("events.jsonl");
+    let rt = MockRuntime::with_event_log(dir.path().join("state"), Some(log.clone()))
+        .expect("mock runtime");
+    let id = random_sandbox_id();
+    rt.spawn(&spec(&id, "w-1", 2)).await.expect("spawn");
+    sigkill(&format!("-{}", keeper_pid(rt.state_dir(), &id)));
+    for _ in 0..150 {
+        if rt.status(&id).await.expect("status").state == RuntimeState::Stopped {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        rt.status(&id).await.expect("status").state,
+        RuntimeState::Stopped
+    );
+    assert!(
+        events(&log).is_empty(),
+        "the evidence log cannot be written"
+    );
+
+    std::fs::create_dir(&evidence).expect("evidence dir");
+    let stops = || {
+        events(&log)
+            .iter()
+            .filter(|e| e["sandbox_id"] == id.as_str() && e["event"] == "stop")
+            .count()
+    };
+    assert_eq!(
+        rt.status(&id).await.expect("status").state,
+        RuntimeState::Stopped
+    );
+    assert_eq!(stops(), 1, "the stop is written once the log takes it");
+    rt.status(&id).await.expect("status");
+    rt.destroy(&id).await.expect("destroy");
+    assert_eq!(stops(), 1, "and not again once it landed");
+}
+
+/// A destroy that overtakes its own spawn (sent while the spawn is still
+/// starting the sandbox) waits for it, then stops what it started: no
+/// keeper is left running, the spawn itself succeeds, and the evidence is
+/// one start followed by one stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_during_spawn_leaves_nothing_running() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log: PathBuf = dir.path().join("events.jsonl");
+    let state = dir.path().join("state");
+    let rt = Arc::new(MockRuntime::with_event_log(&state, Some(log.clone())).expect("mock"));
+    for round in 0..20 {
+        let id = random_sandbox_id();
+        let spawner = rt.clone();
+        let spec = spec(&id, "w-1", round);
+        let spawn = tokio::spawn(async move { spawner.spawn(&spec).await });
+        // Destroy as soon as the spawn has claimed the sandbox's directory.
+        let claimed = state.join(&id);
+        while !claimed.exists() && !spawn.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        rt.destroy(&id).await.expect("destroy");
+        spawn.await.expect("spawn task").expect("spawn");
+        for _ in 0..100 {
+            if keepers_of(&id).is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(keepers_of(&id).is_empty(), "round {round}: keeper left");
+        assert!(!claimed.exists(), "round {round}: directory left");
+        let kinds: Vec<String> = events(&log)
+            .iter()
+            .filter(|e| e["sandbox_id"] == id.as_str())
+            .map(|e| e["event"].as_str().unwrap_or("?").to_string())
+            .collect();
+        assert_eq!(kinds, ["start", "stop"], "round {round}");
+    }
+}
+
 /// A full workspace disk: the upload fails with `NO_SPACE`, leaves neither
 /// the file nor a temporary behind, and the sandbox keeps working. Needs
 /// root to mount a 2 MiB tmpfs as the state directory.

@@ -403,8 +403,23 @@ async fn three_serve_processes_survive_sigkill_of_the_leader_and_a_fourth_joins(
         String::from_utf8_lossy(&out.stderr),
         c.dump_logs()
     );
-    let s = status(&c, apis[(li + 1) % 3]).await.expect("status");
-    assert_eq!(s["leader_id"].as_u64(), Some(4), "{s}");
+    // The CLI returns once node 4 leads; the others learn it from its
+    // first heartbeat of the new term, so give them a moment.
+    for api in apis.iter().chain([&api4]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = status(&c, *api).await;
+            if s.as_ref().and_then(|s| s["leader_id"].as_u64()) == Some(4) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{api} never named node 4 as leader: {s:?}\n{}",
+                c.dump_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     // Operator CLI: status and members through any replica.
     let out = Command::new(bin())
