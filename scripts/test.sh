@@ -5,7 +5,8 @@
 #   conformance script (every matrix line; the Postgres smoke, plain and mTLS),
 #   runtime certification (scripts/certify-runtime.sh: mock, docker,
 #   gvisor and proot must PASS; kata and firecracker report what this host lacks),
-#   and the chaos `ci` profile (chaos/: >= 100 faults, zero violations),
+#   and the chaos `ci` profile (chaos/: >= 100 faults, zero violations) on
+#   SQLite and on per-replica Postgres,
 # with a throwaway Postgres (initdb + pg_ctl in a temp dir, free loopback port,
 # stopped on exit) unless STACYVM_POSTGRES_TEST_DSN is already set, and a
 # throwaway dockerd (--bridge=none --iptables=false, runsc registered) with a
@@ -84,6 +85,12 @@ done
 # STACYVM_CHAOS_SEED replays a seed (default: a new one, printed).
 step chaos-build cargo build --locked -p stacyvm-node -p stacyvm-chaos --bins
 step chaos "${CARGO_TARGET_DIR:-target}/debug/stacyvm-chaos" --profile ci ${STACYVM_CHAOS_SEED:+--seed "$STACYVM_CHAOS_SEED"}
-# On Postgres: `stacyvm-chaos --profile ci --database postgres` (run by hand;
-# see ARCHITECTURE.md's known limits for what it last found).
+# The same profile with each replica on its own Postgres database (created
+# and dropped by the harness on the throwaway server); report under
+# $CARGO_TARGET_DIR/chaos/<seed>-postgres. Mandatory under CI=true.
+if [ -n "${STACYVM_POSTGRES_TEST_DSN:-}" ]; then
+  step chaos-postgres "${CARGO_TARGET_DIR:-target}/debug/stacyvm-chaos" --profile ci --database postgres ${STACYVM_CHAOS_SEED:+--seed "$STACYVM_CHAOS_SEED"}
+else
+  echo "SKIP chaos-postgres: no Postgres (STACYVM_POSTGRES_TEST_DSN unset)" >&2
+fi
 summary
