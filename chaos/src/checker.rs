@@ -410,6 +410,17 @@ mod tests {
                 vec![],
             ),
             (
+                "a stop written twice (at-least-once stop evidence)",
+                vec![
+                    ev("start", "a", "w1", 1, 1),
+                    ev("stop", "a", "w1", 1, 2),
+                    ev("stop", "a", "w1", 1, 3),
+                    ev("start", "a", "w2", 2, 4),
+                    ev("stop", "a", "w2", 2, 5),
+                ],
+                vec![],
+            ),
+            (
                 "different sandboxes never conflict",
                 vec![ev("start", "a", "w1", 1, 1), ev("start", "b", "w2", 1, 2)],
                 vec![],
@@ -424,6 +435,12 @@ mod tests {
             ev("stop", "b", "w1", 1, 3),
         ];
         assert_eq!(rules(&check_orphans(&open)), vec!["orphan"]);
+        let stopped_twice = vec![
+            ev("start", "a", "w1", 1, 1),
+            ev("stop", "a", "w1", 1, 2),
+            ev("stop", "a", "w1", 1, 3),
+        ];
+        assert_eq!(rules(&check_orphans(&stopped_twice)), Vec::<&str>::new());
     }
 
     fn lease(
