@@ -101,7 +101,10 @@ live_smoke() {
   local rt=$1 image=busybox extra=""
   case "$rt" in
     docker|gvisor|kata) image=${STACYVM_TEST_DOCKER_IMAGE:-busybox}; extra="--docker-pull never" ;;
-    proot) extra="--proot-image busybox=${STACYVM_TEST_ROOTFS:-/nonexistent}" ;;
+    proot)
+      # The image comes from the worker's config file (runtimes.proot.images).
+      printf "runtimes:\n  proot:\n    images:\n      busybox: '%s'\n" "${STACYVM_TEST_ROOTFS:-/nonexistent}" >"$WORK/worker-proot.yaml"
+      extra="--config $WORK/worker-proot.yaml" ;;
     firecracker)
       check firecracker "live smoke through the cluster" N/A "guest boot is platform-gated here; the API lifecycle runs in the runtime tests"
       return ;;

@@ -103,6 +103,11 @@ pub struct WorkerArgs {
     /// CA of the control plane's client certificates (the cluster CA).
     #[arg(long)]
     pub rpc_tls_client_ca: Option<PathBuf>,
+    /// Configuration file (YAML): the worker reads its `runtimes` section
+    /// (`runtimes.proot.images.<name>: ROOTFS_DIR`, `runtimes.proot.binary`);
+    /// flags win over it.
+    #[arg(long, env = "STACYVM_CONFIG")]
+    pub config: Option<PathBuf>,
     /// This worker's ID (default: the host name).
     #[arg(long, env = "STACYVM_WORKER_ID")]
     pub id: Option<String>,
@@ -190,6 +195,26 @@ pub struct RuntimeArgs {
     /// What a spawn of an image the host lacks does: `missing` pulls it, `never` refuses.
     #[arg(long, default_value = "missing", value_parser = ["missing", "never"])]
     pub docker_pull: String,
+}
+
+impl RuntimeArgs {
+    /// Adds the configuration file's runtime settings: an image or binary
+    /// given by flag (or its environment variable) wins over the file's.
+    pub fn with_file(mut self, file: &crate::config::RuntimesSection) -> RuntimeArgs {
+        for (image, dir) in &file.proot.images {
+            let named = self
+                .proot_images
+                .iter()
+                .any(|spec| spec.split_once('=').map(|(n, _)| n.trim()) == Some(image.as_str()));
+            if !named {
+                self.proot_images.push(format!("{image}={dir}"));
+            }
+        }
+        if self.proot_bin.is_none() {
+            self.proot_bin = file.proot.binary.as_ref().map(PathBuf::from);
+        }
+        self
+    }
 }
 
 /// A lease this worker holds.
@@ -1592,7 +1617,15 @@ pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
     }
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| CliError::Failed(format!("state dir {}: {e}", args.state_dir.display())))?;
-    let runtimes = build_runtimes(&args.runtimes, &args.state_dir, &id, &args.runtime_opts).await?;
+    let runtime_opts = match &args.config {
+        Some(path) => {
+            let file = crate::config::FileConfig::load(path)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            args.runtime_opts.clone().with_file(&file.runtimes)
+        }
+        None => args.runtime_opts.clone(),
+    };
+    let runtimes = build_runtimes(&args.runtimes, &args.state_dir, &id, &runtime_opts).await?;
     let agent = Agent::with_credential(
         id.clone(),
         runtimes,
@@ -1678,4 +1711,38 @@ pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
     }
     eprintln!("worker {id}: stopped");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_flags_win_over_the_config_file() {
+        let file = crate::config::FileConfig::parse(
+            "runtimes:\n  proot:\n    binary: /opt/proot\n    images:\n      busybox: /file/busybox\n      alpine: /file/alpine\n",
+            "t",
+        )
+        .expect("parse");
+        let flags = RuntimeArgs {
+            proot_images: vec!["busybox=/flag/busybox".into()],
+            ..RuntimeArgs::default()
+        };
+        let merged = flags.with_file(&file.runtimes);
+        assert_eq!(
+            merged.proot_images,
+            vec!["busybox=/flag/busybox", "alpine=/file/alpine"]
+        );
+        assert_eq!(merged.proot_bin, Some(PathBuf::from("/opt/proot")));
+        let with_bin = RuntimeArgs {
+            proot_bin: Some(PathBuf::from("/flag/proot")),
+            ..RuntimeArgs::default()
+        }
+        .with_file(&file.runtimes);
+        assert_eq!(with_bin.proot_bin, Some(PathBuf::from("/flag/proot")));
+        assert_eq!(
+            with_bin.proot_images,
+            vec!["alpine=/file/alpine", "busybox=/file/busybox"]
+        );
+    }
 }

@@ -38,6 +38,7 @@ pub struct FileConfig {
     pub database: DatabaseSection,
     pub defaults: DefaultsSection,
     pub logging: LoggingSection,
+    pub runtimes: RuntimesSection,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -113,6 +114,23 @@ pub struct DefaultsSection {
     pub max_sandboxes_per_owner: Option<i64>,
     pub max_ttl: Option<String>,
     pub max_exec_timeout: Option<String>,
+}
+
+/// Runtime settings a worker reads (`stacyvm worker --config F`); flags
+/// win over them.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimesSection {
+    pub proot: ProotSection,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProotSection {
+    /// Image name → its rootfs directory (`runtimes.proot.images.<name>`).
+    pub images: BTreeMap<String, String>,
+    /// The `proot` binary (default: `proot` on PATH).
+    pub binary: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -412,6 +430,28 @@ impl AuthSources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proot_images_are_read_and_unknown_runtime_keys_refused() {
+        let c = FileConfig::parse(
+            "runtimes:\n  proot:\n    binary: /usr/bin/proot\n    images:\n      busybox: /srv/rootfs/busybox\n      alpine: /srv/rootfs/alpine\n",
+            "t",
+        )
+        .expect("parse");
+        let want: BTreeMap<String, String> = [
+            ("alpine".to_string(), "/srv/rootfs/alpine".to_string()),
+            ("busybox".to_string(), "/srv/rootfs/busybox".to_string()),
+        ]
+        .into();
+        assert_eq!(c.runtimes.proot.images, want);
+        assert_eq!(c.runtimes.proot.binary.as_deref(), Some("/usr/bin/proot"));
+        for bad in [
+            "runtimes:\n  proot:\n    image: {}\n",
+            "runtimes:\n  firecracker: {}\n",
+        ] {
+            assert!(FileConfig::parse(bad, "t").is_err(), "{bad:?} accepted");
+        }
+    }
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]

@@ -560,6 +560,24 @@ pub fn lint(c: &FileConfig, role: Role, production: bool, read: ReadFile<'_>) ->
                 format!("{} replica address(es)", c.worker.bootstrap.len()),
             );
         }
+        for (image, dir) in &c.runtimes.proot.images {
+            let name = format!("runtimes.proot.images.{image}");
+            if image.is_empty() || image.contains('=') || image.contains(char::is_whitespace) {
+                r.fail(
+                    &name,
+                    "not a valid image name",
+                    "name the image as spawns do (no spaces, no '=')",
+                );
+            } else if !Path::new(dir).is_absolute() {
+                r.fail(
+                    &name,
+                    "rootfs directory is not an absolute path",
+                    "give the rootfs directory as an absolute path",
+                );
+            } else {
+                r.pass(&name, "absolute rootfs directory");
+            }
+        }
     }
     r.out
 }
@@ -711,6 +729,19 @@ mod tests {
         let f = files();
         let out = lint(&cfg, Role::Worker, true, &|p| f.get(p).cloned());
         assert!(fails(&out).is_empty(), "{:?}", fails(&out));
+        let proot = FileConfig::parse(
+            "worker:\n  id: w1\n  bootstrap: [\"10.0.0.1:7423\"]\nruntimes:\n  proot:\n    images:\n      stacyvm-test/busybox:1: /srv/busybox\n      rel: srv/rel\n      \"bad name\": /srv/x\n",
+            "t",
+        )
+        .expect("parse");
+        let out = lint(&proot, Role::Worker, false, &|p| f.get(p).cloned());
+        assert_eq!(
+            fails(&out),
+            vec![
+                "runtimes.proot.images.bad name: not a valid image name",
+                "runtimes.proot.images.rel: rootfs directory is not an absolute path",
+            ]
+        );
         let bare = FileConfig::parse("worker:\n  id: w1\n", "t").expect("parse");
         let out = lint(&bare, Role::Worker, true, &|p| f.get(p).cloned());
         assert!(

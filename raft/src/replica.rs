@@ -273,10 +273,34 @@ impl Handler {
         let raft = &self.raft;
         let node_id = i64::try_from(id)
             .map_err(|_| WriteError::Refused(format!("node id {id} is too large")))?;
+        let m = raft.metrics().borrow().clone();
+        if id == m.id {
+            // A leader never removes itself: once its removal commits it is
+            // no leader, and openraft 0.9 panics on the next membership
+            // call it is handed (chaos: remove-replica aimed at the
+            // leader). Leadership goes to the most caught-up other voter
+            // first; `NoLeader` makes the caller send the leave there.
+            let matched = |v: &NodeId| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(v).copied().flatten())
+                    .map(|l| l.index)
+            };
+            let to = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|v| *v != id)
+                .max_by_key(|v| (matched(v), std::cmp::Reverse(*v)))
+                .ok_or_else(|| {
+                    WriteError::Refused(format!("node {id} is the only voter; it cannot leave"))
+                })?;
+            self.transfer(to).await?;
+            return Err(WriteError::NoLeader);
+        }
+        // Not retained: the removed voter also leaves the node list, in the
+        // same change (a second `RemoveNodes` step would be a no-op entry).
         raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-            .await
-            .map_err(map_write_err)?;
-        raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
             .await
             .map_err(map_write_err)?;
         let record = Mutation::RecordRemovedNode {

@@ -369,6 +369,43 @@ async fn a_removed_node_id_is_never_reused() {
     }
 }
 
+/// Removing the leader itself (asked of the leader): leadership moves to
+/// another voter first, which then removes it. (openraft 0.9 panicked when
+/// a leader that had removed itself was handed the next membership step;
+/// found by the chaos harness.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_can_be_removed() {
+    let ca = init();
+    let timing = RaftTiming::default();
+    let mut slots = cluster(&ca, 3, &timing).await;
+    let leader = wait_leader(&slots).await;
+    let gone_id = slots[leader].id;
+    write_ok(slots[leader].r(), "sb-before-leave").await;
+    slots[leader].r().leave(gone_id).await.expect("leave");
+    slots[leader].stop().await;
+    let survivor = (leader + 1) % 3;
+    let members = slots[survivor].r().members().await.expect("members");
+    assert!(
+        !members.voters.contains(&gone_id) && !members.nodes.contains_key(&gone_id),
+        "{members:?}"
+    );
+    assert_eq!(members.voters.len(), 2, "{members:?}");
+    assert!(
+        slots[survivor]
+            .r()
+            .store()
+            .is_node_removed(gone_id as i64)
+            .await
+            .expect("store")
+    );
+    let new_leader = wait_leader(&slots).await;
+    assert_ne!(slots[new_leader].id, gone_id);
+    write_ok(slots[new_leader].r(), "sb-after-leave").await;
+    for s in &mut slots {
+        s.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leadership_transfers_to_the_chosen_voter() {
     let ca = init();
