@@ -195,25 +195,35 @@ pub struct RuntimeArgs {
     /// What a spawn of an image the host lacks does: `missing` pulls it, `never` refuses.
     #[arg(long, default_value = "missing", value_parser = ["missing", "never"])]
     pub docker_pull: String,
+    /// `runtimes.proot` of the worker's `--config` file (flags win over it).
+    #[arg(skip)]
+    pub proot_config: crate::config::ProotSection,
 }
 
 impl RuntimeArgs {
-    /// Adds the configuration file's runtime settings: an image or binary
-    /// given by flag (or its environment variable) wins over the file's.
-    pub fn with_file(mut self, file: &crate::config::RuntimesSection) -> RuntimeArgs {
-        for (image, dir) in &file.proot.images {
-            let named = self
-                .proot_images
-                .iter()
-                .any(|spec| spec.split_once('=').map(|(n, _)| n.trim()) == Some(image.as_str()));
-            if !named {
-                self.proot_images.push(format!("{image}={dir}"));
-            }
+    /// PRoot's settings: the config file's, with each `--proot-image` and
+    /// `--proot-bin` overriding its counterpart.
+    fn proot_options(&self) -> Result<stacyvm_runtimes::proot::ProotOptions, CliError> {
+        let mut images: BTreeMap<String, PathBuf> = self
+            .proot_config
+            .images
+            .iter()
+            .map(|(image, dir)| (image.clone(), PathBuf::from(dir)))
+            .collect();
+        for spec in &self.proot_images {
+            let Some((image, dir)) = spec.split_once('=') else {
+                return Err(CliError::Usage(format!(
+                    "--proot-image {spec:?}: expected NAME=ROOTFS_DIR"
+                )));
+            };
+            images.insert(image.trim().to_string(), PathBuf::from(dir.trim()));
         }
-        if self.proot_bin.is_none() {
-            self.proot_bin = file.proot.binary.as_ref().map(PathBuf::from);
-        }
-        self
+        let binary = self
+            .proot_bin
+            .clone()
+            .or_else(|| self.proot_config.binary.as_ref().map(PathBuf::from))
+            .unwrap_or_default();
+        Ok(stacyvm_runtimes::proot::ProotOptions { binary, images })
     }
 }
 
@@ -1335,19 +1345,7 @@ pub async fn build_runtimes(
         let rt: Arc<dyn Runtime> = match name.as_str() {
             "mock" => Arc::new(MockRuntime::new(state_dir.join("mock")).map_err(failed)?),
             "proot" => {
-                let mut images = BTreeMap::new();
-                for spec in &opts.proot_images {
-                    let Some((image, dir)) = spec.split_once('=') else {
-                        return Err(CliError::Usage(format!(
-                            "--proot-image {spec:?}: expected NAME=ROOTFS_DIR"
-                        )));
-                    };
-                    images.insert(image.trim().to_string(), PathBuf::from(dir.trim()));
-                }
-                let proot = stacyvm_runtimes::proot::ProotOptions {
-                    binary: opts.proot_bin.clone().unwrap_or_default(),
-                    images,
-                };
+                let proot = opts.proot_options()?;
                 Arc::new(
                     MockRuntime::proot(state_dir.join("proot"), MockOptions::from_env(), proot)
                         .map_err(failed)?,
@@ -1584,7 +1582,7 @@ pub fn write_private(path: &std::path::Path, value: &str) -> Result<(), CliError
 }
 
 /// Runs `stacyvm worker` until SIGTERM (drain, then exit) or SIGINT (exit).
-pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
+pub async fn run(mut args: WorkerArgs) -> Result<(), CliError> {
     match args.command {
         Some(WorkerCommand::Token(cmd)) => return crate::token_cmd::run(cmd),
         Some(WorkerCommand::EnrollToken(a)) => return crate::client_cmd::enroll_token(a).await,
@@ -1617,15 +1615,12 @@ pub async fn run(args: WorkerArgs) -> Result<(), CliError> {
     }
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| CliError::Failed(format!("state dir {}: {e}", args.state_dir.display())))?;
-    let runtime_opts = match &args.config {
-        Some(path) => {
-            let file = crate::config::FileConfig::load(path)
-                .map_err(|e| CliError::Usage(e.to_string()))?;
-            args.runtime_opts.clone().with_file(&file.runtimes)
-        }
-        None => args.runtime_opts.clone(),
-    };
-    let runtimes = build_runtimes(&args.runtimes, &args.state_dir, &id, &runtime_opts).await?;
+    if let Some(path) = &args.config {
+        let file =
+            crate::config::FileConfig::load(path).map_err(|e| CliError::Usage(e.to_string()))?;
+        args.runtime_opts.proot_config = file.runtimes.proot;
+    }
+    let runtimes = build_runtimes(&args.runtimes, &args.state_dir, &id, &args.runtime_opts).await?;
     let agent = Agent::with_credential(
         id.clone(),
         runtimes,
@@ -1724,25 +1719,39 @@ mod tests {
             "t",
         )
         .expect("parse");
+        let images = |o: &stacyvm_runtimes::proot::ProotOptions| {
+            o.images
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.display()))
+                .collect::<Vec<_>>()
+        };
         let flags = RuntimeArgs {
             proot_images: vec!["busybox=/flag/busybox".into()],
+            proot_config: file.runtimes.proot.clone(),
             ..RuntimeArgs::default()
         };
-        let merged = flags.with_file(&file.runtimes);
+        let merged = flags.proot_options().expect("options");
         assert_eq!(
-            merged.proot_images,
-            vec!["busybox=/flag/busybox", "alpine=/file/alpine"]
+            images(&merged),
+            ["alpine=/file/alpine", "busybox=/flag/busybox"]
         );
-        assert_eq!(merged.proot_bin, Some(PathBuf::from("/opt/proot")));
+        assert_eq!(merged.binary, PathBuf::from("/opt/proot"));
         let with_bin = RuntimeArgs {
             proot_bin: Some(PathBuf::from("/flag/proot")),
+            proot_config: file.runtimes.proot.clone(),
             ..RuntimeArgs::default()
         }
-        .with_file(&file.runtimes);
-        assert_eq!(with_bin.proot_bin, Some(PathBuf::from("/flag/proot")));
+        .proot_options()
+        .expect("options");
+        assert_eq!(with_bin.binary, PathBuf::from("/flag/proot"));
         assert_eq!(
-            with_bin.proot_images,
-            vec!["alpine=/file/alpine", "busybox=/file/busybox"]
+            images(&with_bin),
+            ["alpine=/file/alpine", "busybox=/file/busybox"]
         );
+        let bad = RuntimeArgs {
+            proot_images: vec!["busybox".into()],
+            ..RuntimeArgs::default()
+        };
+        assert!(matches!(bad.proot_options(), Err(CliError::Usage(_))));
     }
 }

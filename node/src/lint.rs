@@ -562,11 +562,11 @@ pub fn lint(c: &FileConfig, role: Role, production: bool, read: ReadFile<'_>) ->
         }
         for (image, dir) in &c.runtimes.proot.images {
             let name = format!("runtimes.proot.images.{image}");
-            if image.is_empty() || image.contains('=') || image.contains(char::is_whitespace) {
+            if image.is_empty() || image.contains(char::is_whitespace) {
                 r.fail(
                     &name,
                     "not a valid image name",
-                    "name the image as spawns do (no spaces, no '=')",
+                    "name the image as spawns do (no spaces)",
                 );
             } else if !Path::new(dir).is_absolute() {
                 r.fail(

@@ -80,6 +80,18 @@ fn spec(id: &str, worker: &str, generation: i64) -> SpawnSpec {
     }
 }
 
+/// Polls `status` (which notices a dead keeper and records its stop) until
+/// the sandbox reads stopped; panics after 15 s.
+async fn wait_stopped(rt: &MockRuntime, id: &str) {
+    for _ in 0..150 {
+        if rt.status(id).await.expect("status").state == RuntimeState::Stopped {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{id} never read stopped");
+}
+
 fn events(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -119,16 +131,7 @@ async fn event_log_records_start_and_stop() {
     no_worker.labels.clear();
     rt.spawn(&no_worker).await.expect("spawn b");
     sigkill(&format!("-{}", keeper_pid(rt.state_dir(), &b)));
-    for _ in 0..150 {
-        if rt.status(&b).await.expect("status").state == RuntimeState::Stopped {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        rt.status(&b).await.expect("status").state,
-        RuntimeState::Stopped
-    );
+    wait_stopped(&rt, &b).await;
     assert_eq!(
         rt.status(&b).await.expect("status").state,
         RuntimeState::Stopped
@@ -427,16 +430,7 @@ async fn stop_evidence_is_written_again_until_it_lands() {
     let id = random_sandbox_id();
     rt.spawn(&spec(&id, "w-1", 2)).await.expect("spawn");
     sigkill(&format!("-{}", keeper_pid(rt.state_dir(), &id)));
-    for _ in 0..150 {
-        if rt.status(&id).await.expect("status").state == RuntimeState::Stopped {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        rt.status(&id).await.expect("status").state,
-        RuntimeState::Stopped
-    );
+    wait_stopped(&rt, &id).await;
     assert!(
         events(&log).is_empty(),
         "the evidence log cannot be written"
